@@ -1,0 +1,17 @@
+# A small MoE that trains on a laptop CPU in a few minutes and visibly learns, on Shakespeare with a
+# 2048-token BPE. First:
+#   python prepare.py --input ../shared/data/shakespeare.txt --name shakespeare --vocab_size 2048
+include("moe_e4k2.py")
+dataset = "shakespeare"
+out_dir = "out/cpu_moe"
+n_layer = 4
+n_head = 4
+n_embd = 128
+expert_hidden = 256
+block_size = 128
+batch_size = 16
+max_iters = 600
+warmup_iters = 50
+eval_interval = 100
+eval_iters = 20
+log_interval = 20

@@ -1,0 +1,87 @@
+"""
+Config overrides, nanoGPT-style, shared by train.py, sample.py, bench.py and experiment.py:
+
+    python train.py config/moe_e4k2.py --n_experts=8 --learning_rate=3e-4
+
+A script's defaults are its module globals (plus, for model knobs, GPTConfig's fields). Each
+argument is either a config file, plain Python that assigns some of those names, or --key=value.
+They apply left to right. A config file may start from another one with include("other.py")
+(a path relative to the including file). Values are parsed as Python literals; a knob whose
+default is a string takes the text as written. Mistakes raise UserError with one readable line.
+"""
+
+import ast
+import difflib
+import os
+
+
+class UserError(Exception):
+    """A mistake the user can fix (bad config, missing file...): the scripts print it as one line."""
+
+
+def coerce(key, value, default):
+    """value converted to the type of default, or UserError naming the key."""
+    if isinstance(default, str):
+        return value if isinstance(value, str) else str(value)
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+    elif isinstance(default, float):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)  # --learning_rate=1 means 1.0
+    elif isinstance(default, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(default, (tuple, list)):
+        if isinstance(value, (tuple, list)):
+            return tuple(value)
+    raise UserError(f"{key} expects a {type(default).__name__} (like {default!r}), got {value!r}")
+
+
+def check_key(key, defaults):
+    if key not in defaults:
+        close = difflib.get_close_matches(key, list(defaults), n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        raise UserError(f"unknown config key {key!r}{hint}")
+
+
+def apply_file(path, defaults, config):
+    """Run a config file and copy the known names it assigns into config."""
+    if not os.path.isfile(path):
+        raise UserError(f"config file not found: {path}")
+    namespace = {"include": lambda other: apply_file(os.path.join(os.path.dirname(path), other), defaults, config)}
+    try:
+        exec(compile(open(path).read(), path, "exec"), namespace)
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(f"error in config file {path}: {type(e).__name__}: {e}") from None
+    for key, value in namespace.items():
+        if key.startswith("_") or key == "include" or callable(value) or type(value).__name__ == "module":
+            continue
+        check_key(key, defaults)
+        config[key] = coerce(key, value, defaults[key])
+
+
+def parse_value(key, text, default):
+    if isinstance(default, str):
+        return text
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        raise UserError(f"{key}: cannot parse {text!r} as a {type(default).__name__}") from None
+
+
+def configure(argv, defaults):
+    """Apply config files and --key=value arguments in argv over defaults; return the new dict."""
+    config = dict(defaults)
+    for arg in argv:
+        if arg.startswith("--"):
+            key, eq, text = arg[2:].partition("=")
+            if not eq:
+                raise UserError(f"expected --key=value, got {arg!r}")
+            check_key(key, defaults)
+            config[key] = coerce(key, parse_value(key, text, defaults[key]), defaults[key])
+        else:
+            apply_file(arg, defaults, config)
+    return config

@@ -1,0 +1,518 @@
+"""
+A LLaMA-style decoder with an optional Mixture-of-Experts feed-forward, in one file.
+
+Read top to bottom: config -> norms and rotary embeddings -> attention -> the dense
+SwiGLU MLP -> the MoE block (route -> dispatch -> experts -> combine) -> Block -> GPT,
+then closed-form parameter counting and the dense baselines matched to an MoE.
+
+References:
+  LLaMA (Touvron et al. 2023): pre-norm RMSNorm, rotary embeddings, SwiGLU, no biases.
+  Mixtral (Jiang et al. 2024): softmax router, top-k, the k weights renormalised.
+  Switch Transformer (Fedus et al. 2021): load-balancing loss E * sum_i f_i * P_i, capacity.
+  ST-MoE (Zoph et al. 2022): router z-loss mean(logsumexp(logits)^2).
+  DeepSeekMoE (Dai et al. 2024): fine-grained and shared experts.
+  Loss-free balancing (Wang et al. 2024): a per-expert bias used only for top-k selection.
+"""
+
+import math
+from dataclasses import dataclass, fields, replace
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+# The loop path indexes each expert's tokens with torch.where, whose size depends on the routing:
+# let torch.compile trace such ops instead of breaking the graph there.
+torch._dynamo.config.capture_dynamic_output_shape_ops = True
+
+@dataclass
+class GPTConfig:
+    # --- the decoder ---
+    block_size: int = 256  # context length in tokens
+    vocab_size: int = 0  # 0: train.py takes it from the dataset's meta.json; may be set larger
+    n_layer: int = 6
+    n_head: int = 8
+    n_embd: int = 256  # model width C; head size n_embd / n_head must be even (rotary)
+    ffn_hidden: int = 0  # dense SwiGLU hidden size; 0: LLaMA's 8/3 * n_embd rounded up to 16
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True  # share the token embedding with the output layer
+    # --- Mixture of Experts (used when n_experts > 0) ---
+    n_experts: int = 0  # routed experts E per layer; 0: dense model
+    top_k: int = 2  # experts per token K
+    expert_hidden: int = 0  # SwiGLU hidden size of each expert; 0: ffn_hidden (Mixtral-style)
+    expert_groups: tuple = ()  # heterogeneous experts ((count, hidden), ...); sets n_experts
+    n_shared_experts: int = 0  # always-on experts added to the routed output (DeepSeekMoE)
+    shared_expert_hidden: int = 0  # hidden size of each shared expert; 0: expert_hidden
+    router_score: str = "softmax"  # "softmax" or "sigmoid" of the router logits
+    norm_topk_prob: bool = True  # renormalise the k selected scores to sum to 1
+    balance: str = "switch"  # "switch" (aux loss), "aux_free" (selection bias) or "none"
+    aux_loss_coef: float = 0.01  # weight of the Switch load-balancing loss (balance="switch")
+    z_loss_coef: float = 0.001  # weight of the router z-loss, whatever the balancing
+    bias_update_rate: float = 0.001  # step of the aux_free bias update per optimizer step
+    capacity_factor: float = 0.0  # 0: dropless; else each expert takes ceil(cf * N * K / E) slots
+    moe_impl: str = "auto"  # "grouped" (one grouped GEMM), "loop" (per expert) or "auto"
+
+    def __post_init__(self):
+        self.expert_groups = tuple(tuple(g) for g in self.expert_groups)
+        if self.ffn_hidden == 0:
+            self.ffn_hidden = 16 * math.ceil(8 * self.n_embd / 3 / 16)
+        if self.expert_hidden == 0:
+            self.expert_hidden = self.ffn_hidden
+        if self.expert_groups:
+            self.n_experts = sum(n for n, _ in self.expert_groups)
+        if self.shared_expert_hidden == 0:
+            self.shared_expert_hidden = self.expert_hidden
+        self.validate()
+
+    def validate(self):
+        """Raise ValueError with one readable line for a config that cannot be built."""
+        def check(ok, msg):
+            if not ok:
+                raise ValueError(msg)
+
+        for name in ("block_size", "n_layer", "n_head", "n_embd", "ffn_hidden"):
+            check(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
+        check(self.vocab_size >= 0, f"vocab_size must be >= 0, got {self.vocab_size}")
+        check(self.n_embd % self.n_head == 0,
+              f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        check((self.n_embd // self.n_head) % 2 == 0,
+              f"head size n_embd/n_head = {self.n_embd // self.n_head} must be even for rotary embeddings")
+        check(self.n_experts >= 0, f"n_experts must be >= 0, got {self.n_experts}")
+        check(self.router_score in ("softmax", "sigmoid"),
+              f"router_score must be 'softmax' or 'sigmoid', got {self.router_score!r}")
+        check(self.balance in ("switch", "aux_free", "none"),
+              f"balance must be 'switch', 'aux_free' or 'none', got {self.balance!r}")
+        check(self.moe_impl in ("auto", "grouped", "loop"),
+              f"moe_impl must be 'auto', 'grouped' or 'loop', got {self.moe_impl!r}")
+        check(self.capacity_factor >= 0, f"capacity_factor must be >= 0, got {self.capacity_factor}")
+        check(self.n_shared_experts >= 0, f"n_shared_experts must be >= 0, got {self.n_shared_experts}")
+        check(all(len(g) == 2 and g[0] > 0 and g[1] > 0 for g in self.expert_groups),
+              f"expert_groups must be ((count, hidden), ...) with positive numbers, got {self.expert_groups}")
+        if self.n_experts > 0:
+            check(1 <= self.top_k <= self.n_experts,
+                  f"top_k ({self.top_k}) must be between 1 and n_experts ({self.n_experts})")
+            check(self.expert_hidden > 0, f"expert_hidden must be positive, got {self.expert_hidden}")
+
+    @property
+    def expert_sizes(self):
+        """Hidden size of each routed expert, in order."""
+        groups = self.expert_groups or ((self.n_experts, self.expert_hidden),)
+        return [h for n, h in groups for _ in range(n)]
+
+
+# -----------------------------------------------------------------------------
+# Rotary position embeddings (Su et al. 2021), in the half-split ("rotate_half") layout
+
+
+def rope_cache(head_size, block_size, theta):
+    """cos and sin tables, each (block_size, head_size // 2)."""
+    freqs = 1.0 / theta ** (torch.arange(0, head_size, 2).float() / head_size)
+    angles = torch.outer(torch.arange(block_size).float(), freqs)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate each (x1, x2) pair of x (B, nh, T, hs) by its position's angle."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.n_head = config.n_head
+        self.wqkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)
+        self.wo = nn.Linear(config.n_embd, config.n_embd, bias=False)
+
+    def forward(self, x, cos, sin):
+        B, T, C = x.shape
+        q, k, v = self.wqkv(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
+        return self.wo(y.transpose(1, 2).contiguous().view(B, T, C))
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: w2(silu(x w1) * (x w3))."""
+
+    def __init__(self, n_embd, hidden):
+        super().__init__()
+        self.w1 = nn.Linear(n_embd, hidden, bias=False)  # gate
+        self.w3 = nn.Linear(n_embd, hidden, bias=False)  # up
+        self.w2 = nn.Linear(hidden, n_embd, bias=False)  # down
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+# -----------------------------------------------------------------------------
+# Mixture of Experts. Legend: N = B*T tokens, E = n_experts, K = top_k, C = n_embd,
+# H = expert hidden size. A "slot" is one (token, chosen expert) pair: there are N*K.
+
+
+def grouped_mm_works(device, dtype):
+    """Whether torch's grouped GEMM can run here: on CPU in fp32 or bf16 eagerly but only bf16
+    under torch.compile (torch 2.13); on CUDA in bf16 from Ampere (SM 8.0) on."""
+    if device.type == "cpu":
+        return dtype == torch.bfloat16 or (dtype == torch.float32 and not torch.compiler.is_compiling())
+    if device.type == "cuda":
+        return dtype == torch.bfloat16 and torch.cuda.get_device_capability(device)[0] >= 8
+    return False
+
+
+class Experts(nn.Module):
+    """The routed experts: SwiGLU MLPs whose weights are stacked (E, ...) so that one grouped
+    GEMM runs them all. Heterogeneous experts are stored one stack per group of equal size."""
+
+    def __init__(self, n_embd, groups):
+        super().__init__()
+        init = lambda *shape: nn.Parameter(torch.randn(*shape) * 0.02)  # as nn.Linear's in GPT's init
+        self.w1 = nn.ParameterList(init(n, n_embd, h) for n, h in groups)  # gate (E, C, H)
+        self.w3 = nn.ParameterList(init(n, n_embd, h) for n, h in groups)  # up (E, C, H)
+        self.w2 = nn.ParameterList(init(n, h, n_embd) for n, h in groups)  # down (E, H, C)
+        self.index = [(g, j) for g, (n, _) in enumerate(groups) for j in range(n)]  # expert -> (group, row)
+
+    def one(self, x, e):
+        """Expert e on its tokens x (n, C)."""
+        g, j = self.index[e]
+        return (F.silu(x @ self.w1[g][j]) * (x @ self.w3[g][j])) @ self.w2[g][j]
+
+    def stacked(self):
+        """All experts' weights as (E, C, H), (E, C, H), (E, H, C). With unequal sizes the narrower
+        experts are zero-padded to the widest H: silu(0) * 0 = 0 through zero rows of w2, so padded
+        units change nothing (they cost compute, and get no gradient: padding is not a parameter)."""
+        if len(self.w1) == 1:
+            return self.w1[0], self.w3[0], self.w2[0]
+        H = max(w.shape[2] for w in self.w1)
+        w1 = torch.cat([F.pad(w, (0, H - w.shape[2])) for w in self.w1])
+        w3 = torch.cat([F.pad(w, (0, H - w.shape[2])) for w in self.w3])
+        w2 = torch.cat([F.pad(w, (0, 0, 0, H - w.shape[1])) for w in self.w2])
+        return w1, w3, w2
+
+    def grouped(self, xs, offs):
+        """All experts on their slots at once: xs (N*K, C) sorted by expert, offs (E,) int32 group ends."""
+        w1, w3, w2 = self.stacked()
+        dtype = torch.get_autocast_dtype(xs.device.type) if torch.is_autocast_enabled(xs.device.type) else xs.dtype
+        xs, w1, w3, w2 = (t.to(dtype) for t in (xs, w1, w3, w2))  # grouped_mm is not autocast-aware
+        h = F.silu(F.grouped_mm(xs, w1, offs=offs)) * F.grouped_mm(xs, w3, offs=offs)  # (N*K, H)
+        return F.grouped_mm(h, w2, offs=offs)  # (N*K, C)
+
+
+class MoE(nn.Module):
+    """Routed experts in place of the dense MLP: route -> dispatch -> experts -> combine."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        E = config.n_experts
+        sizes = config.expert_sizes
+        groups = config.expert_groups or ((E, config.expert_hidden),)
+        self.router = nn.Linear(config.n_embd, E, bias=False)
+        self.experts = Experts(config.n_embd, groups)
+        self.shared = None
+        if config.n_shared_experts > 0:
+            # n always-on SwiGLU experts of hidden h are one SwiGLU of hidden n*h (DeepSeekMoE fuses them so)
+            self.shared = MLP(config.n_embd, config.n_shared_experts * config.shared_expert_hidden)
+        # aux_free balancing: a bias on the selection scores, learned by the sign rule, not by gradients
+        self.register_buffer("expert_bias", torch.zeros(E))
+        # routing statistics, accumulated by every forward and read by pop_stats(); not saved
+        self.register_buffer("load", torch.zeros(E), persistent=False)  # slots sent to each expert
+        self.register_buffer("dropped", torch.zeros(()), persistent=False)  # slots over capacity
+        self.register_buffer("entropy", torch.zeros(()), persistent=False)  # sum over tokens of router entropy
+        self.register_buffer("tokens", torch.zeros(()), persistent=False)
+        self.uneven = len(set(sizes)) > 1
+
+    def forward(self, x):
+        """x (B, T, C) -> (output (B, T, C), Switch aux loss, z-loss)."""
+        B, T, C = x.shape
+        x = x.reshape(B * T, C)  # (N, C)
+        weights, experts, aux_loss, z_loss = self.route(x)  # (N, K), (N, K)
+        if self.use_grouped(x):
+            y = self.dispatch_grouped(x, weights, experts)
+        else:
+            y = self.dispatch_loop(x, weights, experts)
+        if self.shared is not None:
+            y = y + self.shared(x)
+        return y.view(B, T, C), aux_loss, z_loss
+
+    def route(self, x):
+        """Choose K experts per token and their mixing weights; dropped slots get weight 0."""
+        cfg, E, K = self.config, self.config.n_experts, self.config.top_k
+        # fp32 router even under bf16 autocast: softmax and logsumexp^2 are precision-sensitive
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            logits = F.linear(x.float(), self.router.weight.float())  # (N, E)
+        scores = logits.softmax(-1) if cfg.router_score == "softmax" else logits.sigmoid()  # (N, E)
+        # aux_free bias steers which experts are chosen, never how much they weigh
+        select = scores + self.expert_bias if cfg.balance == "aux_free" else scores
+        experts = select.topk(K, dim=-1).indices  # (N, K)
+        weights = scores.gather(-1, experts)  # (N, K)
+        if cfg.norm_topk_prob:
+            # softmax, top-k, renormalise == top-k of the logits, then softmax (Mixtral): one knob covers both
+            weights = weights / weights.sum(-1, keepdim=True)
+        keep = self.within_capacity(experts, weights) if cfg.capacity_factor > 0 else None  # (N, K)
+        if keep is not None:
+            weights = weights * keep
+
+        probs = scores / scores.sum(-1, keepdim=True)  # (N, E) a distribution also for sigmoid scores
+        counts = torch.bincount(experts.flatten(), minlength=E).float()  # (E,) slots per expert
+        f = counts / counts.sum()  # fraction of slots sent to each expert
+        P = probs.mean(0)  # mean router probability of each expert
+        aux_loss = E * (f * P).sum() if cfg.balance == "switch" else logits.new_zeros(())  # Switch eq. (4)
+        z_loss = torch.logsumexp(logits, dim=-1).square().mean()  # ST-MoE eq. (5)
+        with torch.no_grad():
+            self.load += counts
+            if keep is not None:
+                self.dropped += (~keep).sum()
+            self.entropy += -(probs * probs.clamp_min(1e-9).log()).sum()
+            self.tokens += x.shape[0]
+        return weights.to(x.dtype), experts, aux_loss, z_loss
+
+    def within_capacity(self, experts, weights):
+        """(N, K) mask of the slots each expert can take: at most ceil(cf * N * K / E) per expert,
+        keeping its highest-weighted slots (Switch drops by position; by score drops less harm)."""
+        N, K = experts.shape
+        E = self.config.n_experts
+        capacity = math.ceil(self.config.capacity_factor * N * K / E)
+        flat_e, flat_w = experts.flatten(), weights.flatten()  # (N*K,)
+        by_weight = flat_w.argsort(descending=True, stable=True)
+        order = by_weight[flat_e[by_weight].argsort(stable=True)]  # by expert, then by weight descending
+        counts = torch.bincount(flat_e, minlength=E)  # (E,)
+        starts = counts.cumsum(0) - counts  # (E,) first sorted position of each expert
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(N * K, device=order.device) - starts[flat_e[order]]  # place in its queue
+        return (rank < capacity).view(N, K)
+
+    def use_grouped(self, x):
+        if self.config.moe_impl == "auto":
+            dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+            return grouped_mm_works(x.device, dtype)
+        return self.config.moe_impl == "grouped"
+
+    def dispatch_grouped(self, x, weights, experts):
+        """Sort the N*K slots by expert, run every expert in one grouped GEMM, scatter-add back.
+        Shapes stay (N*K, ...) whatever the routing, so torch.compile traces it once."""
+        N, K = experts.shape
+        flat_e = experts.flatten()  # (N*K,)
+        order = flat_e.argsort(stable=True)  # (N*K,) slot ids grouped by expert
+        token = order // K  # (N*K,) the token each sorted slot belongs to
+        offs = torch.bincount(flat_e, minlength=self.config.n_experts).cumsum(0).to(torch.int32)  # (E,) group ends
+        ys = self.experts.grouped(x[token], offs)  # (N*K, C)
+        ys = ys * weights.flatten()[order, None]  # weigh each slot's output
+        return torch.zeros_like(x).index_add_(0, token, ys.to(x.dtype))  # (N, C) sum over each token's K slots
+
+    def dispatch_loop(self, x, weights, experts):
+        """Reference path: one expert at a time over the tokens that chose it."""
+        y = torch.zeros_like(x)
+        for e in range(self.config.n_experts):
+            token, slot = torch.where(experts == e)  # tokens that chose e, and in which of their K slots
+            y.index_add_(0, token, (self.experts.one(x[token], e) * weights[token, slot, None]).to(x.dtype))
+        return y
+
+    @torch.no_grad()
+    def update_bias(self):
+        """Loss-free balancing: bias += rate * sign(mean_load - load_i), from the slots routed since
+        the last update (summed over processes so every rank keeps the same bias)."""
+        load = self.load.clone()
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(load)
+        self.expert_bias += self.config.bias_update_rate * torch.sign(load.mean() - load)
+
+    @torch.no_grad()
+    def pop_stats(self):
+        """Routing statistics since the last call, then reset them."""
+        load = self.load / self.load.sum().clamp_min(1)
+        stats = {
+            "load": [round(v, 4) for v in load.tolist()],
+            "max_mean": (load.max() / load.mean()).item(),
+            "cv": (load.std(unbiased=False) / load.mean()).item(),
+            "dropped": (self.dropped / self.load.sum().clamp_min(1)).item(),
+            "entropy": (self.entropy / self.tokens.clamp_min(1)).item(),
+        }
+        if self.config.balance == "aux_free":
+            stats["bias_range"] = [self.expert_bias.min().item(), self.expert_bias.max().item()]
+        for buf in (self.load, self.dropped, self.entropy, self.tokens):
+            buf.zero_()
+        return stats
+
+
+# -----------------------------------------------------------------------------
+
+
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(config.n_embd, eps=config.norm_eps)
+        self.attn = Attention(config)
+        self.ffn_norm = nn.RMSNorm(config.n_embd, eps=config.norm_eps)
+        self.mlp = MoE(config) if config.n_experts > 0 else MLP(config.n_embd, config.ffn_hidden)
+
+    def forward(self, x, cos, sin):
+        """x (B, T, C) -> (x, aux_loss, z_loss); the router losses are 0 in a dense block."""
+        x = x + self.attn(self.attn_norm(x), cos, sin)
+        if isinstance(self.mlp, MoE):
+            y, aux_loss, z_loss = self.mlp(self.ffn_norm(x))
+        else:
+            y, aux_loss, z_loss = self.mlp(self.ffn_norm(x)), 0.0, 0.0
+        return x + y, aux_loss, z_loss
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        assert config.vocab_size > 0, "set vocab_size (train.py takes it from meta.json)"
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm = nn.RMSNorm(config.n_embd, eps=config.norm_eps)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        cos, sin = rope_cache(config.n_embd // config.n_head, config.block_size, config.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.moe_layers = [b.mlp for b in self.blocks if isinstance(b.mlp, MoE)]
+        # GPT-2 init: N(0, 0.02), residual output projections scaled down by sqrt(2 * n_layer)
+        for name, p in self.named_parameters():
+            if p.dim() >= 2:
+                residual_out = name.endswith("wo.weight") or ".w2." in name or name.endswith("w2.weight")
+                std = 0.02 / math.sqrt(2 * config.n_layer) if residual_out else 0.02
+                nn.init.normal_(p, mean=0.0, std=std)
+        self.loss_parts = {}
+
+    def forward(self, idx, targets=None):
+        """idx (B, T) token ids -> (logits, loss). With targets, loss = cross-entropy + the weighted
+        router losses averaged over MoE layers; the unweighted parts are kept in self.loss_parts."""
+        B, T = idx.shape
+        assert T <= self.config.block_size, f"sequence of {T} tokens, block_size is {self.config.block_size}"
+        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        x = self.wte(idx)  # (B, T, C)
+        aux_loss = z_loss = 0.0
+        for block in self.blocks:
+            x, aux, z = block(x, cos, sin)
+            aux_loss, z_loss = aux_loss + aux, z_loss + z
+        x = self.norm(x)
+        if targets is None:
+            return self.lm_head(x[:, [-1], :]), None  # (B, 1, V): generation needs the last position only
+        logits = self.lm_head(x)  # (B, T, V)
+        ce = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+        n_moe = max(len(self.moe_layers), 1)
+        aux_loss, z_loss = aux_loss / n_moe, z_loss / n_moe
+        loss = ce + self.config.aux_loss_coef * aux_loss + self.config.z_loss_coef * z_loss
+        self.loss_parts = {"ce": ce.detach(), "aux": torch.as_tensor(aux_loss).detach(),
+                           "z": torch.as_tensor(z_loss).detach()}
+        return logits, loss
+
+    def configure_optimizer(self, weight_decay, learning_rate, betas, device_type):
+        """AdamW with weight decay on matrices (embeddings, linears, expert stacks), not on norms."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        fused = device_type == "cuda"  # fused AdamW: one kernel for all parameters
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
+
+    def update_expert_bias(self):
+        """After each optimizer step: the aux_free bias update of every MoE layer."""
+        if self.config.balance == "aux_free":
+            for moe in self.moe_layers:
+                moe.update_bias()
+        for moe in self.moe_layers:
+            moe.load.zero_()
+
+    def pop_routing_stats(self):
+        """Per MoE layer, routing statistics since the last call (see MoE.pop_stats)."""
+        return [moe.pop_stats() for moe in self.moe_layers]
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
+        """Append max_new_tokens sampled tokens to idx (B, T)."""
+        for _ in range(max_new_tokens):
+            logits, _ = self(idx[:, -self.config.block_size:])
+            logits = logits[:, -1, :] / max(temperature, 1e-6)
+            if top_k is not None:
+                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                logits[logits < v[:, [-1]]] = -float("inf")
+            idx = torch.cat((idx, torch.multinomial(logits.softmax(-1), num_samples=1)), dim=1)
+        return idx
+
+
+# -----------------------------------------------------------------------------
+# Parameter accounting, in closed form from the config (no model is built).
+
+
+def count_params(cfg):
+    """Parameter counts of GPT(cfg): total, active (per token), embedding, non_embedding.
+
+    The router is counted as active (every token uses all of it); K of the E routed experts are
+    active. With experts of unequal sizes, active counts K times the mean expert size: the
+    expectation under uniform routing. Embedding = token embedding plus an untied output layer."""
+    C, L, V = cfg.n_embd, cfg.n_layer, cfg.vocab_size
+    attn = 4 * C * C  # wqkv and wo
+    norms = 2 * C  # the two RMSNorm weights of a block
+    if cfg.n_experts > 0:
+        experts = [3 * C * h for h in cfg.expert_sizes]  # w1, w3, w2 of each expert
+        router = cfg.n_experts * C
+        shared = 3 * C * cfg.n_shared_experts * cfg.shared_expert_hidden
+        ffn_total = router + sum(experts) + shared
+        ffn_active = router + cfg.top_k * sum(experts) / len(experts) + shared
+    else:
+        ffn_total = ffn_active = 3 * C * cfg.ffn_hidden
+    embedding = V * C * (1 if cfg.tie_embeddings else 2)
+    total = embedding + L * (attn + norms + ffn_total) + C  # + final norm
+    active = embedding + L * (attn + norms + ffn_active) + C
+    active = int(active) if float(active).is_integer() else active
+    return {"total": total, "active": active, "embedding": embedding, "non_embedding": total - embedding}
+
+
+MIN_FFN_RATIO, MAX_FFN_RATIO = 1.0, 16.0  # a matched dense FFN stays within these multiples of n_embd
+
+
+def match_dense(moe_cfg, target="active", tolerance=0.005):
+    """A dense GPTConfig whose parameter count equals the MoE's active or total count.
+
+    Everything but width is copied: depth, heads, context, vocabulary, tying. The rule:
+    1. Solve for the FFN hidden size alone (attention stays identical); parameters are linear in it.
+    2. If that needs an FFN narrower than MIN_FFN_RATIO or wider than MAX_FFN_RATIO times n_embd,
+       widen or narrow n_embd too, with the FFN held at that ratio (solve the quadratic, round
+       n_embd to a multiple of 2 * n_head), then solve the FFN hidden size exactly for that width.
+    All stored parameters are matched, embeddings included; the mismatch is below one FFN
+    unit (3 * n_embd * n_layer parameters) and checked against `tolerance` (relative)."""
+    if target not in ("active", "total"):
+        raise ValueError(f"target must be 'active' or 'total', got {target!r}")
+    goal = count_params(moe_cfg)[target]
+    dense = replace(moe_cfg, n_experts=0, expert_groups=(), n_shared_experts=0, shared_expert_hidden=0,
+                    expert_hidden=0)
+    L = moe_cfg.n_layer
+
+    def ffn_for(n_embd):
+        base = count_params(replace(dense, n_embd=n_embd, ffn_hidden=1))["total"] - 3 * n_embd * L
+        return round((goal - base) / (3 * n_embd * L))
+
+    C = moe_cfg.n_embd
+    H = ffn_for(C)
+    if not MIN_FFN_RATIO * C <= H <= MAX_FFN_RATIO * C:
+        r = MIN_FFN_RATIO if H < MIN_FFN_RATIO * C else MAX_FFN_RATIO
+        # total(C) = a*C^2 + b*C with the FFN at r*C: a = L*(4 + 3r), b = V*(1 or 2) + 2L + 1
+        a = L * (4 + 3 * r)
+        b = moe_cfg.vocab_size * (1 if moe_cfg.tie_embeddings else 2) + 2 * L + 1
+        C_exact = (-b + math.sqrt(b * b + 4 * a * goal)) / (2 * a)
+        step = 2 * moe_cfg.n_head
+        C = max(step, step * round(C_exact / step))
+        H = max(1, ffn_for(C))
+    matched = replace(dense, n_embd=C, ffn_hidden=H, expert_hidden=H)
+    got = count_params(matched)["total"]
+    mismatch = (got - goal) / goal
+    if abs(mismatch) > tolerance:
+        raise ValueError(f"cannot match {target} parameters within {tolerance:.2%}: "
+                         f"got {got:,} for {goal:,} ({mismatch:+.3%})")
+    return matched
+
+
+def model_fields():
+    """Names of the GPTConfig fields (the model's config keys)."""
+    return [f.name for f in fields(GPTConfig)]

@@ -1,0 +1,51 @@
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.path.join(os.path.dirname(ROOT), "shared")
+TIKTOKEN_CACHE = os.path.join(SHARED, "tiktoken-cache")
+if os.path.isdir(TIKTOKEN_CACHE):
+    os.environ.setdefault("TIKTOKEN_CACHE_DIR", TIKTOKEN_CACHE)
+sys.path.insert(0, ROOT)
+
+needs_gpt2 = pytest.mark.skipif(not os.path.isdir(TIKTOKEN_CACHE),
+                                reason="GPT-2 BPE files not found at ../shared/tiktoken-cache (offline machine)")
+SHAKESPEARE = os.path.join(SHARED, "data", "shakespeare.txt")
+TINYSTORIES_SAMPLE = os.path.join(SHARED, "data", "tinystories-sample.txt")
+
+
+def run_script(*args, timeout=600, **kwargs):
+    """Run one of the repo's scripts in a subprocess; return the CompletedProcess (text)."""
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          **kwargs)
+
+
+def corpus_text(n_chars=300_000):
+    """Real English text for tests: Shakespeare from ../shared when present, else a generated corpus."""
+    if os.path.exists(SHAKESPEARE):
+        return open(SHAKESPEARE, encoding="utf-8").read()[:n_chars]
+    import random
+    rng = random.Random(0)
+    words = "the a king queen lord lady sword crown night day love death speak hear thou thee my".split()
+    return "\n".join(" ".join(rng.choice(words) for _ in range(12)) for _ in range(n_chars // 60))
+
+
+@pytest.fixture(scope="session")
+def data_root(tmp_path_factory):
+    """A data root holding 'tiny': ~300k characters of text with a 512-token BPE."""
+    import prepare
+
+    root = tmp_path_factory.mktemp("data")
+    docs = prepare.documents(corpus_text())
+    train, val = prepare.split_train_val(docs, 0.1)
+    prepare.prepare(str(root / "tiny"), train, val, ["test corpus"], vocab_size=512)
+    return str(root)
+
+
+# the smallest model worth testing: train.py arguments
+TINY_MOE = ["--dataset=tiny", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--n_experts=4",
+            "--top_k=2", "--expert_hidden=48", "--batch_size=4", "--eval_iters=2", "--log_interval=1",
+            "--warmup_iters=2", "--device=cpu"]

@@ -1,0 +1,300 @@
+"""model.py on toy shapes: parameter accounting, matching, MoE dispatch, router losses, invariants."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import GPT, MLP, GPTConfig, MoE, count_params, match_dense
+
+TOY = dict(vocab_size=97, block_size=16, n_layer=2, n_head=2, n_embd=32)
+VARIANTS = {
+    "dense": dict(),
+    "dense_untied": dict(tie_embeddings=False, ffn_hidden=40),
+    "moe_e4k2": dict(n_experts=4, top_k=2, expert_hidden=48),
+    "moe_e8k1_sigmoid": dict(n_experts=8, top_k=1, expert_hidden=16, router_score="sigmoid", norm_topk_prob=False),
+    "moe_shared": dict(n_experts=4, top_k=2, expert_hidden=24, n_shared_experts=2, shared_expert_hidden=16),
+    "moe_hetero": dict(top_k=2, expert_groups=((2, 16), (2, 48)), tie_embeddings=False),
+    "moe_capacity": dict(n_experts=4, top_k=2, expert_hidden=24, capacity_factor=1.0),
+    "moe_auxfree": dict(n_experts=4, top_k=2, expert_hidden=24, balance="aux_free"),
+}
+
+
+def toy(**kw):
+    return GPTConfig(**{**TOY, **kw})
+
+
+def numel(model, active=False):
+    """Parameters counted from the module; active = routed experts scaled by K / E."""
+    n = 0
+    for name, p in model.named_parameters():
+        if active and ".experts." in name:
+            n += p.numel() * model.config.top_k / model.config.n_experts
+        else:
+            n += p.numel()
+    return n
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_count_params_equals_numel(name):
+    cfg = toy(**VARIANTS[name])
+    model = GPT(cfg)
+    counts = count_params(cfg)
+    assert counts["total"] == numel(model)
+    assert counts["active"] == pytest.approx(numel(model, active=True), abs=1e-6)
+    assert counts["embedding"] == model.wte.weight.numel() * (1 if cfg.tie_embeddings else 2)
+    assert counts["non_embedding"] == counts["total"] - counts["embedding"]
+
+
+def test_router_counts_as_active():
+    cfg = toy(n_experts=4, top_k=2, expert_hidden=48)
+    without_router = count_params(cfg)["active"] - cfg.n_layer * cfg.n_experts * cfg.n_embd
+    expert = 3 * cfg.n_embd * 48
+    dense_part = count_params(toy(ffn_hidden=1))["total"] - cfg.n_layer * 3 * cfg.n_embd
+    assert without_router == dense_part + cfg.n_layer * 2 * expert
+
+
+@pytest.mark.parametrize("name", [n for n in VARIANTS if n.startswith("moe")])
+@pytest.mark.parametrize("target", ["active", "total"])
+def test_match_dense(name, target):
+    moe = toy(**VARIANTS[name])
+    dense = match_dense(moe, target)
+    goal = count_params(moe)[target]
+    got = count_params(dense)["total"]
+    assert dense.n_experts == 0
+    assert abs(got - goal) / goal < 0.005
+    assert abs(got - goal) <= 3 * dense.n_embd * dense.n_layer / 2  # within half an FFN unit
+    for key in ("n_layer", "n_head", "block_size", "vocab_size", "tie_embeddings"):
+        assert getattr(dense, key) == getattr(moe, key)
+    assert count_params(dense)["total"] == sum(p.numel() for p in GPT(dense).parameters())
+
+
+def test_match_dense_resizes_width_only_when_needed():
+    moe = GPTConfig(vocab_size=4096, n_layer=6, n_head=8, n_embd=256, n_experts=4, top_k=2, expert_hidden=512)
+    assert match_dense(moe, "total").n_embd == 256  # FFN alone suffices: attention identical
+    many = GPTConfig(vocab_size=4096, n_layer=6, n_head=8, n_embd=256, n_experts=64, top_k=2, expert_hidden=512)
+    wide = match_dense(many, "total")
+    assert wide.n_embd > 256 and wide.n_embd % 16 == 0  # rounded to 2 * n_head
+    assert wide.ffn_hidden / wide.n_embd == pytest.approx(16, rel=0.1)  # the FFN held at MAX_FFN_RATIO
+    goal = count_params(many)["total"]
+    assert abs(count_params(wide)["total"] - goal) / goal < 0.001
+
+
+def test_one_expert_top1_equals_dense_mlp():
+    torch.manual_seed(0)
+    cfg = toy(n_experts=1, top_k=1, expert_hidden=40)
+    moe, mlp = MoE(cfg), MLP(cfg.n_embd, 40)
+    with torch.no_grad():
+        moe.experts.w1[0][0].copy_(mlp.w1.weight.T)
+        moe.experts.w3[0][0].copy_(mlp.w3.weight.T)
+        moe.experts.w2[0][0].copy_(mlp.w2.weight.T)
+    x = torch.randn(2, 5, cfg.n_embd)
+    for impl in ("grouped", "loop"):
+        moe.config.moe_impl = impl
+        y, aux, z = moe(x)
+        torch.testing.assert_close(y, mlp(x))
+        assert aux.item() == pytest.approx(1.0)  # one expert: f = P = 1, E * f * P = 1
+
+
+def run_moe(cfg, x, impl, seed=0):
+    torch.manual_seed(seed)
+    moe = MoE(replace_impl(cfg, impl))
+    with torch.no_grad():  # non-trivial router weights, so that routing is not near-uniform
+        moe.router.weight.normal_(0, 1)
+        for ws in (moe.experts.w1, moe.experts.w3, moe.experts.w2):
+            for w in ws:
+                w.normal_(0, 0.1)
+    x = x.clone().requires_grad_()
+    y, aux, z = moe(x)
+    (y.square().sum() + aux + z).backward()
+    grads = {n: p.grad.clone() for n, p in moe.named_parameters()}
+    return y, x.grad, grads
+
+
+def replace_impl(cfg, impl):
+    from dataclasses import replace
+    return replace(cfg, moe_impl=impl)
+
+
+@pytest.mark.parametrize("name", [n for n in VARIANTS if n.startswith("moe")])
+def test_grouped_dispatch_equals_loop(name):
+    cfg = toy(**VARIANTS[name])
+    x = torch.randn(3, 7, cfg.n_embd)
+    y1, gx1, g1 = run_moe(cfg, x, "grouped")
+    y2, gx2, g2 = run_moe(cfg, x, "loop")
+    torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gx1, gx2, rtol=1e-5, atol=1e-5)
+    for n in g1:
+        torch.testing.assert_close(g1[n], g2[n], rtol=1e-5, atol=1e-5, msg=n)
+
+
+def test_grouped_dispatch_equals_per_token_reference():
+    """The fused path against the MoE written out token by token, straight from the equations."""
+    cfg = toy(n_experts=4, top_k=2, expert_hidden=24)
+    torch.manual_seed(1)
+    moe = MoE(replace_impl(cfg, "grouped"))
+    with torch.no_grad():
+        moe.router.weight.normal_(0, 1)
+        for ws in (moe.experts.w1, moe.experts.w3, moe.experts.w2):
+            ws[0].normal_(0, 0.1)
+    x = torch.randn(1, 9, cfg.n_embd)
+    y, _, _ = moe(x)
+    w1, w3, w2 = moe.experts.w1[0], moe.experts.w3[0], moe.experts.w2[0]
+    for t in range(9):
+        p = (x[0, t] @ moe.router.weight.T).softmax(-1)
+        top = p.topk(2)
+        g = top.values / top.values.sum()
+        out = sum(g[i] * (F.silu(x[0, t] @ w1[e]) * (x[0, t] @ w3[e])) @ w2[e] for i, e in enumerate(top.indices))
+        torch.testing.assert_close(y[0, t], out, rtol=1e-5, atol=1e-6)
+
+
+def test_grouped_bf16_close_to_fp32():
+    cfg = toy(n_experts=4, top_k=2, expert_hidden=48)
+    x = torch.randn(2, 8, cfg.n_embd)
+    y32, _, _ = run_moe(cfg, x, "grouped")
+    torch.manual_seed(0)
+    y16, _, _ = run_moe(cfg, x.bfloat16(), "grouped")
+    torch.testing.assert_close(y16.float(), y32, rtol=0.05, atol=0.02)
+
+
+def test_router_losses():
+    cfg = toy(n_experts=4, top_k=2, expert_hidden=16)
+    moe = MoE(cfg)
+    with torch.no_grad():
+        moe.router.weight.zero_()  # uniform probabilities: every P_i = 1/E, z = logsumexp(0)^2 = ln(E)^2
+    _, aux, z = moe(torch.randn(2, 8, cfg.n_embd))
+    assert z.item() == pytest.approx(math.log(4) ** 2, rel=1e-5)
+    assert aux.item() == pytest.approx(1.0, rel=1e-5)  # E * sum f_i / E = sum f_i = 1
+    # all tokens to expert 0 (and 1): f = (1/2, 1/2, 0, 0), P ~ (1/2, 1/2, 0, 0) -> aux ~ 4 * 1/2 = 2
+    with torch.no_grad():
+        moe.router.weight.zero_()
+    x = torch.zeros(2, 8, cfg.n_embd)
+    x[..., 0] = 1.0
+    with torch.no_grad():
+        moe.router.weight[0, 0] = moe.router.weight[1, 0] = 50.0
+    _, aux, _ = moe(x)
+    assert aux.item() == pytest.approx(2.0, rel=1e-3)
+
+
+def test_router_runs_in_fp32_under_autocast():
+    cfg = toy(n_experts=4, top_k=2, expert_hidden=16)
+    moe = MoE(cfg)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, aux, z = moe(torch.randn(2, 8, cfg.n_embd))
+    assert aux.dtype == torch.float32 and z.dtype == torch.float32
+
+
+def test_capacity_drops_lowest_weighted_slots():
+    """E=2, K=1, 8 tokens, capacity_factor 0.5 -> each expert takes ceil(0.5 * 8 / 2) = 2 slots."""
+    cfg = toy(n_experts=2, top_k=1, expert_hidden=16, capacity_factor=0.5)
+    moe = MoE(cfg)
+    experts = torch.tensor([[0], [0], [0], [1], [0], [1], [1], [0]])
+    weights = torch.tensor([[0.6], [0.9], [0.7], [0.8], [0.95], [0.55], [0.99], [0.51]])
+    keep = moe.within_capacity(experts, weights)
+    # expert 0 has tokens 0, 1, 2, 4, 7 (weights .6 .9 .7 .95 .51): keeps 1 and 4
+    # expert 1 has tokens 3, 5, 6 (weights .8 .55 .99): keeps 3 and 6
+    assert keep.flatten().tolist() == [False, True, False, True, True, False, True, False]
+
+
+def test_capacity_dropped_token_keeps_only_residual():
+    torch.manual_seed(0)
+    cfg = toy(n_experts=2, top_k=1, expert_hidden=16, capacity_factor=0.25)  # 1 slot per expert of 8 tokens
+    moe = MoE(cfg)
+    y, _, _ = moe(torch.randn(1, 8, cfg.n_embd))
+    zero_rows = (y[0].abs().sum(-1) == 0).sum().item()
+    assert zero_rows == 6  # 2 tokens served, 6 dropped: the MoE adds nothing to them
+    assert moe.pop_stats()["dropped"] == pytest.approx(6 / 8)
+
+
+def test_routing_stats():
+    cfg = toy(n_experts=4, top_k=2, expert_hidden=16)
+    model = GPT(cfg)
+    idx = torch.randint(0, cfg.vocab_size, (2, 16))
+    model(idx, idx)
+    stats = model.pop_routing_stats()
+    assert len(stats) == cfg.n_layer
+    for s in stats:
+        assert sum(s["load"]) == pytest.approx(1.0, abs=1e-3)
+        assert s["max_mean"] >= 1.0 and s["cv"] >= 0 and 0 < s["entropy"] <= math.log(4) + 1e-6
+    assert model.pop_routing_stats()[0]["load"] == [0.0] * 4  # reset after reading
+
+
+@pytest.mark.parametrize("name", ["dense", "moe_e4k2"])
+def test_causal(name):
+    torch.manual_seed(0)
+    model = GPT(toy(**VARIANTS[name]))
+    idx = torch.randint(0, 97, (1, 16))
+    logits1, _ = model(idx, idx)
+    idx2 = idx.clone()
+    idx2[0, 10:] = (idx2[0, 10:] + 1) % 97
+    logits2, _ = model(idx2, idx2)
+    torch.testing.assert_close(logits1[0, :10], logits2[0, :10])
+    assert not torch.allclose(logits1[0, 10:], logits2[0, 10:])
+
+
+@pytest.mark.parametrize("name", ["dense", "moe_e4k2"])
+def test_initial_loss_near_uniform(name):
+    torch.manual_seed(0)
+    model = GPT(toy(**VARIANTS[name]))
+    idx, targets = torch.randint(0, 97, (2, 4, 16))
+    model(idx, targets)
+    assert model.loss_parts["ce"].item() == pytest.approx(math.log(97), rel=0.05)
+
+
+@pytest.mark.parametrize("name", ["dense", "moe_e4k2", "moe_hetero", "moe_auxfree"])
+def test_overfits_one_batch(name):
+    torch.manual_seed(0)
+    model = GPT(toy(**VARIANTS[name]))
+    opt = model.configure_optimizer(0.0, 3e-3, (0.9, 0.95), "cpu")
+    idx = torch.randint(0, 97, (4, 16))
+    for _ in range(150):
+        _, loss = model(idx[:, :-1], idx[:, 1:])
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        model.update_expert_bias()
+    assert model.loss_parts["ce"].item() < 0.5
+
+
+def test_aux_free_bias_balances_a_skewed_router():
+    torch.manual_seed(0)
+    cfg = toy(n_experts=4, top_k=1, expert_hidden=16, balance="aux_free", bias_update_rate=0.01)
+    moe = MoE(cfg)
+    with torch.no_grad():
+        moe.router.weight.normal_(0, 0.02)
+        moe.router.weight[0] += 0.5  # expert 0 wins most tokens
+    x = torch.randn(4, 32, cfg.n_embd)
+    moe(x)
+    before = moe.pop_stats()["max_mean"]
+    for _ in range(40):
+        moe(x)
+        moe.update_bias()
+        moe.load.zero_()
+    moe(x)
+    after = moe.pop_stats()
+    assert before > 1.8 and after["max_mean"] < 1.4
+    assert "expert_bias" in moe.state_dict()
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(n_experts=4, top_k=5), "top_k"),
+    (dict(n_embd=30, n_head=4), "divisible"),
+    (dict(n_embd=36, n_head=4), "even"),
+    (dict(n_experts=4, router_score="relu"), "router_score"),
+    (dict(n_experts=4, balance="magic"), "balance"),
+    (dict(n_experts=4, moe_impl="fast"), "moe_impl"),
+    (dict(expert_groups=((2, 0),)), "expert_groups"),
+])
+def test_invalid_config_messages(kw, message):
+    with pytest.raises(ValueError, match=message):
+        toy(**kw)
+
+
+def test_auto_impl_picks_a_working_path():
+    cfg = toy(n_experts=4, top_k=2, expert_hidden=16)
+    moe = MoE(cfg)
+    assert moe.use_grouped(torch.randn(2, 32))
+    assert moe.use_grouped(torch.randn(2, 32).bfloat16())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert moe.use_grouped(torch.randn(2, 32))

@@ -1,0 +1,147 @@
+"""train.py and sample.py end to end on a tiny dataset, and the functions train.py is made of."""
+
+import json
+import os
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_MOE, run_script
+
+import train
+from configurator import UserError
+
+
+def train_args(data_root, out_dir, *extra):
+    return ["train.py", *TINY_MOE, f"--data_root={data_root}", f"--out_dir={out_dir}", *extra]
+
+
+def records(out_dir):
+    return [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
+
+
+def one_line_error(r, message):
+    assert r.returncode != 0, r.stdout
+    assert "Traceback" not in r.stderr, r.stderr
+    assert message in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_train_moe_end_to_end(data_root, tmp_path):
+    out = tmp_path / "moe"
+    r = run_script(*train_args(data_root, out, "--max_iters=3", "--eval_interval=2"))
+    assert r.returncode == 0, r.stderr
+    assert "dense-active" in r.stdout and "dense-total" in r.stdout and "<- trains" in r.stdout
+    assert "tokens per iteration: 128" in r.stdout
+    assert "iter 3: loss" in r.stdout and "moe layer 1: load max/mean" in r.stdout
+    logs = records(out)
+    assert logs[0]["event"] == "start" and logs[0]["params"]["total"] > logs[0]["params"]["active"]
+    steps = [r for r in logs if "loss" in r]
+    assert [r["iter"] for r in steps] == [1, 2, 3]
+    for key in ("tokens", "loss", "ce", "aux", "z", "lr", "ms_per_iter", "tokens_per_s"):
+        assert all(np.isfinite(r[key]) for r in steps), key
+    evals = [r for r in logs if "val_loss" in r]
+    assert [r["iter"] for r in evals] == [0, 2, 3]
+    assert len(evals[-1]["routing"]) == 2 and len(evals[-1]["routing"][0]["load"]) == 4
+    state = torch.load(out / "ckpt.pt", weights_only=False)
+    assert state["format"] == train.CHECKPOINT_FORMAT and state["iter_num"] == 3
+    assert state["model_args"]["n_experts"] == 4 and state["config"]["max_iters"] == 3
+    assert state["best_val_loss"] == min(r["val_loss"] for r in evals)
+    assert not any(k.startswith("_orig_mod") for k in state["model"])
+
+    r = run_script("sample.py", f"--out_dir={out}", "--max_new_tokens=10", "--num_samples=1", "--start=KING")
+    assert r.returncode == 0 and r.stdout.startswith("KING"), r.stderr
+    r = run_script("sample.py", f"--out_dir={out}", "--start=the king", "--show_routing=True", "--layer=1")
+    assert r.returncode == 0, r.stderr
+    assert "MoE layer 1" in r.stdout and "-> e" in r.stdout
+
+
+@pytest.mark.parametrize("match", ["active", "total"])
+def test_train_matched_dense(data_root, tmp_path, match):
+    out = tmp_path / match
+    r = run_script(*train_args(data_root, out, "--max_iters=2", f"--match={match}"))
+    assert r.returncode == 0, r.stderr
+    state = torch.load(out / "ckpt.pt", weights_only=False)
+    moe_counts = records(out)[0]["params"]
+    assert state["model_args"]["n_experts"] == 0
+    n = sum(v.numel() for k, v in state["model"].items() if k != "lm_head.weight")  # tied
+    moe = train.GPTConfig(**{**state["model_args"], "n_experts": 4, "top_k": 2, "expert_hidden": 48,
+                             "ffn_hidden": 0, "n_embd": 32})
+    goal = train.count_params(moe)[match]
+    assert n == moe_counts["total"] and abs(n - goal) / goal < 0.005
+
+
+def test_dry_run_prints_table_only(data_root, tmp_path):
+    r = run_script(*train_args(data_root, tmp_path / "dry", "--dry_run=True"))
+    assert r.returncode == 0 and "mismatch" in r.stdout and "moe" in r.stdout
+    assert not (tmp_path / "dry").exists()
+
+
+def test_resume_continues_exactly(data_root, tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert run_script(*train_args(data_root, straight, "--max_iters=6", "--eval_interval=3")).returncode == 0
+    assert run_script(*train_args(data_root, resumed, "--max_iters=3", "--eval_interval=3")).returncode == 0
+    r = run_script(*train_args(data_root, resumed, "--max_iters=6", "--eval_interval=3", "--init_from=resume"))
+    assert r.returncode == 0, r.stderr
+    losses = lambda out: [(x["iter"], x["loss"]) for x in records(out) if "loss" in x]
+    assert losses(resumed) == losses(straight)  # bit-identical on CPU
+    vals = lambda out: [(x["iter"], x["val_loss"]) for x in records(out) if "val_loss" in x]
+    assert vals(resumed) == vals(straight)
+
+
+def test_refuses_to_overwrite_a_run(data_root, tmp_path):
+    out = tmp_path / "run"
+    assert run_script(*train_args(data_root, out, "--max_iters=1")).returncode == 0
+    one_line_error(run_script(*train_args(data_root, out, "--max_iters=1")), "--overwrite=True")
+    assert run_script(*train_args(data_root, out, "--max_iters=1", "--overwrite=True")).returncode == 0
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--n_expert=4"], "unknown config key 'n_expert'; did you mean n_experts?"),
+    (["--max_iters=ten"], "cannot parse 'ten'"),
+    (["--top_k=5"], "top_k (5) must be between 1 and n_experts (4)"),
+    (["--dataset=nothing"], "python prepare.py"),
+    (["--n_head=3"], "divisible by n_head"),
+    (["--init_from=resume"], "no checkpoint at"),
+    (["--block_size=100000"], "fewer than block_size"),
+    (["--vocab_size=100"], "larger than the model's vocab_size 100"),
+    (["config/does_not_exist.py"], "config file not found"),
+])
+def test_user_errors_are_one_line(data_root, tmp_path, extra, message):
+    one_line_error(run_script(*train_args(data_root, tmp_path / "err", "--max_iters=1", *extra)), message)
+
+
+def test_sample_on_missing_or_corrupt_checkpoint(tmp_path):
+    one_line_error(run_script("sample.py", f"--out_dir={tmp_path}"), "no checkpoint at")
+    (tmp_path / "ckpt.pt").write_bytes(b"not a checkpoint at all")
+    one_line_error(run_script("sample.py", f"--out_dir={tmp_path}"), "cannot read checkpoint")
+
+
+def test_lr_schedule():
+    cfg = SimpleNamespace(learning_rate=1e-3, min_lr=1e-4, warmup_iters=10, max_iters=110, lr_decay_iters=0)
+    lrs = [train.get_lr(it, cfg) for it in range(120)]
+    assert lrs[0] < lrs[5] < lrs[9] < 1e-3 and lrs[10] == pytest.approx(1e-3)
+    assert lrs[60] == pytest.approx(5.5e-4) and lrs[110] == lrs[119] == 1e-4
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+
+
+def test_get_batch_is_deterministic_and_shifted():
+    data = np.arange(1000, dtype=np.uint16)
+    x1, y1 = train.get_batch(data, 4, 8, torch.Generator().manual_seed(3), torch.device("cpu"))
+    x2, _ = train.get_batch(data, 4, 8, torch.Generator().manual_seed(3), torch.device("cpu"))
+    assert torch.equal(x1, x2) and torch.equal(y1, x1 + 1) and x1.shape == (4, 8)
+
+
+def test_checkpoint_is_atomic_and_validated(tmp_path):
+    path = str(tmp_path / "ckpt.pt")
+    train.save_checkpoint(path, {"format": train.CHECKPOINT_FORMAT, "iter_num": 1})
+    assert train.load_checkpoint(path)["iter_num"] == 1
+    assert os.listdir(tmp_path) == ["ckpt.pt"]  # no temp file left behind
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[: len(data) // 2])
+    with pytest.raises(UserError, match="truncated"):
+        train.load_checkpoint(path)
+    torch.save({"weights": 1}, path)
+    with pytest.raises(UserError, match="not a tinymoe checkpoint"):
+        train.load_checkpoint(path)
