@@ -4,7 +4,8 @@ Config overrides, nanoGPT-style, shared by train.py, sample.py, bench.py and exp
     python train.py config/moe_e4k2.py --n_experts=8 --learning_rate=3e-4
 
 A script's defaults are its module globals (plus, for model knobs, GPTConfig's fields). Each
-argument is either a config file, plain Python that assigns some of those names, or --key=value.
+argument is either a config file, plain Python that assigns some of those names, or --key=value
+(a bare --flag sets a bool knob to True).
 They apply left to right. A config file may start from another one with include("other.py")
 (a path relative to the including file). Values are parsed as Python literals; a knob whose
 default is a string takes the text as written. Mistakes raise UserError with one readable line.
@@ -78,10 +79,11 @@ def configure(argv, defaults):
     for arg in argv:
         if arg.startswith("--"):
             key, eq, text = arg[2:].partition("=")
-            if not eq:
-                raise UserError(f"expected --key=value, got {arg!r}")
             check_key(key, defaults)
-            config[key] = coerce(key, parse_value(key, text, defaults[key]), defaults[key])
+            if not eq and not isinstance(defaults[key], bool):
+                raise UserError(f"expected --{key}=value, got {arg!r}")
+            value = parse_value(key, text, defaults[key]) if eq else True  # a bare --flag sets a bool knob
+            config[key] = coerce(key, value, defaults[key])
         else:
             apply_file(arg, defaults, config)
     return config

@@ -193,13 +193,17 @@ class Experts(nn.Module):
         w2 = torch.cat([F.pad(w, (0, 0, 0, H - w.shape[1])) for w in self.w2])
         return w1, w3, w2
 
-    def grouped(self, xs, offs):
-        """All experts on their slots at once: xs (N*K, C) sorted by expert, offs (E,) int32 group ends."""
+    def grouped(self, xs, offs, gate):
+        """All experts on their slots at once: xs (N*K, C) sorted by expert, offs (E,) int32 group ends,
+        gate (N*K,) each slot's routing weight. Returns gate * expert(xs), (N*K, C)."""
         w1, w3, w2 = self.stacked()
         dtype = torch.get_autocast_dtype(xs.device.type) if torch.is_autocast_enabled(xs.device.type) else xs.dtype
         xs, w1, w3, w2 = (t.to(dtype) for t in (xs, w1, w3, w2))  # grouped_mm is not autocast-aware
         h = F.silu(F.grouped_mm(xs, w1, offs=offs)) * F.grouped_mm(xs, w3, offs=offs)  # (N*K, H)
-        return F.grouped_mm(h, w2, offs=offs)  # (N*K, C)
+        gate = gate[:, None].to(dtype)
+        if h.shape[1] < xs.shape[1]:  # gate * (h @ w2) = (gate * h) @ w2: scale the narrower tensor
+            return F.grouped_mm(h * gate, w2, offs=offs)  # (N*K, C)
+        return F.grouped_mm(h, w2, offs=offs) * gate
 
 
 class MoE(nn.Module):
@@ -300,8 +304,7 @@ class MoE(nn.Module):
         order = flat_e.argsort(stable=True)  # (N*K,) slot ids grouped by expert
         token = order // K  # (N*K,) the token each sorted slot belongs to
         offs = torch.bincount(flat_e, minlength=self.config.n_experts).cumsum(0).to(torch.int32)  # (E,) group ends
-        ys = self.experts.grouped(x[token], offs)  # (N*K, C)
-        ys = ys * weights.flatten()[order, None]  # weigh each slot's output
+        ys = self.experts.grouped(x.index_select(0, token), offs, weights.flatten()[order])  # (N*K, C) weighted
         return torch.zeros_like(x).index_add_(0, token, ys.to(x.dtype))  # (N, C) sum over each token's K slots
 
     def dispatch_loop(self, x, weights, experts):

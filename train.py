@@ -11,6 +11,7 @@ Train a dense or Mixture-of-Experts GPT on a dataset made by prepare.py.
 Every knob below (and every GPTConfig field in model.py) can be set by a config file or --key=value.
 """
 
+import ctypes
 import json
 import math
 import os
@@ -245,6 +246,8 @@ def setup_system(cfg):
             name = f"cuda:{local_rank}"
             torch.cuda.set_device(name)
     device = torch.device(name)
+    if device.type == "cpu":
+        keep_freed_memory()
     if cfg.dtype == "auto":
         bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
         dtype = torch.bfloat16 if bf16 else torch.float32
@@ -254,6 +257,17 @@ def setup_system(cfg):
         raise UserError(f"dtype must be 'auto', 'float32' or 'bfloat16', got {cfg.dtype!r}")
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
     return device, dtype, autocast, rank, world
+
+
+def keep_freed_memory():
+    """On glibc, keep freed blocks of up to 32 MB for reuse rather than returning them to the OS:
+    otherwise each step page-faults its large temporaries back in (about 5 ms per 16 MB on a CPU)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return  # not glibc: nothing to tune
+    libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD (its maximum): heap-allocate blocks up to 32 MB
+    libc.mallopt(-1, -1)  # M_TRIM_THRESHOLD: never trim the heap's free top
 
 
 def use_compile(cfg, device):

@@ -20,6 +20,10 @@ def test_int_for_float_knob_is_accepted():
     assert cfg["learning_rate"] == 1.0 and isinstance(cfg["learning_rate"], float)
 
 
+def test_bare_flag_sets_a_bool():
+    assert configure(["--tie_embeddings=False", "--tie_embeddings"], DEFAULTS)["tie_embeddings"] is True
+
+
 def test_string_knob_takes_the_text():
     assert configure(["--dataset=2024", "--compile=False"], DEFAULTS)["dataset"] == "2024"
     assert configure(["--compile=False"], DEFAULTS)["compile"] == "False"
@@ -30,7 +34,7 @@ def test_string_knob_takes_the_text():
     ("--max_iters=1.5", "max_iters expects a int (like 100), got 1.5"),
     ("--max_iters=lots", "max_iters: cannot parse 'lots' as a int"),
     ("--tie_embeddings=1", "tie_embeddings expects a bool"),
-    ("--max_iters", "expected --key=value"),
+    ("--max_iters", "expected --max_iters=value"),
     ("missing/config.py", "config file not found: missing/config.py"),
 ])
 def test_errors_are_one_clear_line(arg, message):

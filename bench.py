@@ -1,0 +1,224 @@
+"""
+Time training steps (forward + backward + AdamW) of MoE models against the dense model with the
+same active parameters, in one run, so that machine noise hits all models alike.
+
+    python bench.py --quick                   # small shapes, under 2 minutes on a 2-core CPU
+    python bench.py                           # the shapes of config/moe_e4k2.py
+    python bench.py --compile --dtype=bfloat16 --json=bench.json
+
+Models: dense-active (matched to E4k2's active parameters), E4k2, and the fine-grained E16k4 and
+E64k8 whose experts are 1/2 and 1/4 as wide, so K * expert_hidden and hence the active parameters
+stay the same (up to the router). MoE models run with moe_impl=grouped and loop. Warm-up steps
+are excluded; repeats are interleaved across models; the median is reported, with its ratio to the
+dense-active model. Peak memory is the allocator's peak on CUDA; on CPU (Linux) the peak resident
+memory of a fresh process running two such steps, less its resident memory before the model.
+"""
+
+import json
+import multiprocessing
+import os
+import statistics
+import sys
+import time
+from dataclasses import asdict, replace
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+from configurator import UserError, configure
+from model import GPT, GPTConfig, count_params, match_dense
+from train import get_batch, keep_freed_memory
+
+# -----------------------------------------------------------------------------
+quick = False  # small shapes (4 layers, 2048 tokens a step) for a quick CPU check
+device = "auto"  # "auto" (cuda, then cpu), "cpu", "cuda"...
+dtype = "float32"  # "float32" or "bfloat16" (autocast, as in training)
+compile = False  # also time each model under torch.compile (fullgraph)
+repeats = 7  # timed steps per model, interleaved
+warmup = 2  # untimed steps per model first (compilation happens here)
+json_out = ""  # also write the table to this JSON file
+# -----------------------------------------------------------------------------
+KEYS = [k for k, v in list(globals().items()) if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "4090": 165e12}
+
+
+def shapes(quick):
+    """(base MoE config, batch size): E4k2 at the quick shapes or at config/moe_e4k2.py's."""
+    if quick:
+        return GPTConfig(vocab_size=4096, block_size=256, n_layer=4, n_head=4, n_embd=256, n_experts=4, top_k=2,
+                         expert_hidden=512), 8
+    return GPTConfig(vocab_size=50257, block_size=256, n_layer=6, n_head=8, n_embd=256, n_experts=4, top_k=2,
+                     expert_hidden=512), 16
+
+
+def bench_rows(moe, compile_too):
+    """(name, GPTConfig, compile) for every model and path to time."""
+    h = moe.expert_hidden
+    models = [("dense-active", match_dense(moe, "active")), ("moe-e4k2", moe),
+              ("moe-e16k4", replace(moe, n_experts=16, top_k=4, expert_hidden=h // 2)),
+              ("moe-e64k8", replace(moe, n_experts=64, top_k=8, expert_hidden=h // 4))]
+    rows = []
+    for compiled in (False, True) if compile_too else (False,):
+        for name, cfg in models:
+            for impl in ("grouped", "loop") if cfg.n_experts else ("auto",):
+                rows.append((name, replace(cfg, moe_impl=impl), compiled))
+    return rows
+
+
+class Runner:
+    """One model, its optimizer and a fixed batch: step() is one timed training step."""
+
+    def __init__(self, cfg, compiled, batch_size, device, dtype):
+        torch.manual_seed(0)
+        self.model = GPT(cfg).to(device)
+        self.fn = torch.compile(self.model, fullgraph=True) if compiled else self.model
+        self.opt = self.model.configure_optimizer(0.1, 1e-4, (0.9, 0.95), device.type)
+        self.x, self.y = torch.randint(0, cfg.vocab_size, (2, batch_size, cfg.block_size), device=device)
+        self.device = device
+        self.autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+    def step(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        with self.autocast:
+            _, loss = self.fn(self.x, self.y)
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.model.update_expert_bias()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t
+
+
+def proc_status_bytes(field):
+    """VmRSS (resident now) or VmHWM (peak resident since exec) of this process, from Linux's /proc."""
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+
+
+def cpu_peak_memory(args):
+    """In a fresh process: peak resident memory over some training steps, less the resident
+    memory before the model was built."""
+    cfg_dict, compiled, batch_size, dtype_name, steps = args
+    keep_freed_memory()  # as train.py does on CPU
+    before = proc_status_bytes("VmRSS")
+    runner = Runner(GPTConfig(**cfg_dict), compiled, batch_size, torch.device("cpu"), getattr(torch, dtype_name))
+    for _ in range(steps):
+        runner.step()
+    return proc_status_bytes("VmHWM") - before
+
+
+def peak_memory(row, batch_size, device, dtype):
+    name, cfg, compiled = row
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        runner = Runner(cfg, compiled, batch_size, device, dtype)
+        for _ in range(2):
+            runner.step()
+        return torch.cuda.max_memory_allocated()
+    if not os.path.exists("/proc/self/status"):
+        return float("nan")  # CPU memory is read from Linux's /proc
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(cpu_peak_memory, ((asdict(cfg), compiled, batch_size, str(dtype).split(".")[1], 2),))
+
+
+def flops_per_token(cfg):
+    """Training FLOPs per token (PaLM appendix B): 6 * active non-embedding params + attention."""
+    counts = count_params(cfg)
+    active_non_embedding = counts["active"] - counts["embedding"]
+    return 6 * active_non_embedding + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+
+
+def data_cost(batch_size, block_size, device):
+    """Median seconds for get_batch to sample one batch from a memmapped token file."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".bench_tokens.bin")
+    np.random.default_rng(0).integers(0, 4096, 10_000_000, dtype=np.uint16).tofile(path)
+    try:
+        data = np.memmap(path, dtype=np.uint16, mode="r")
+        gen = torch.Generator().manual_seed(0)
+        times = []
+        for _ in range(20):
+            t = time.perf_counter()
+            get_batch(data, batch_size, block_size, gen, device)
+            times.append(time.perf_counter() - t)
+        return statistics.median(times)
+    finally:
+        os.remove(path)
+
+
+def run(cfg):
+    name = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else cfg.device
+    dev = torch.device("cpu" if name == "auto" else name)
+    if cfg.dtype not in ("float32", "bfloat16"):
+        raise UserError(f"dtype must be 'float32' or 'bfloat16', got {cfg.dtype!r}")
+    dt = getattr(torch, cfg.dtype)
+    if dev.type == "cpu":
+        keep_freed_memory()  # as train.py does on CPU
+    moe, batch_size = shapes(cfg.quick)
+    rows = bench_rows(moe, cfg.compile)
+    machine = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"{machine}, torch {torch.__version__}, {cfg.dtype}, batch {batch_size} x {moe.block_size} tokens, "
+          f"{moe.n_layer} layers of width {moe.n_embd}, vocab {moe.vocab_size}")
+    runners = [Runner(c, compiled, batch_size, dev, dt) for _, c, compiled in rows]
+    for r in runners:
+        for _ in range(cfg.warmup):
+            r.step()
+    times = [[] for _ in rows]
+    for _ in range(cfg.repeats):  # interleaved: each round times every model once
+        for i, r in enumerate(runners):
+            times[i].append(r.step())
+    del runners
+    results = []
+    for (name, c, compiled), t in zip(rows, times):
+        median = statistics.median(t)
+        tokens_per_s = batch_size * c.block_size / median
+        results.append({
+            "model": name, "moe_impl": c.moe_impl if c.n_experts else "-", "compile": compiled, "dtype": cfg.dtype,
+            "ms_per_step": median * 1000, "tokens_per_s": tokens_per_s, "active_params": count_params(c)["active"],
+            "peak_memory_mb": peak_memory((name, c, compiled), batch_size, dev, dt) / 2**20,
+        })
+        peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in machine), None)
+        if dev.type == "cuda" and dt == torch.bfloat16 and peak:
+            results[-1]["mfu"] = flops_per_token(c) * tokens_per_s / peak
+    for r in results:
+        base = next(b for b in results if b["model"] == "dense-active" and b["compile"] == r["compile"])
+        r["ratio_to_dense"] = r["ms_per_step"] / base["ms_per_step"]
+        r["memory_ratio_to_dense"] = r["peak_memory_mb"] / base["peak_memory_mb"]
+    print(table(results))
+    data_s = data_cost(batch_size, moe.block_size, dev)
+    dense_s = results[0]["ms_per_step"] / 1000
+    print(f"data: get_batch takes {data_s * 1000:.2f} ms = {data_s / dense_s:.2%} of a dense-active step")
+    if cfg.json_out:
+        with open(cfg.json_out, "w") as f:
+            json.dump({"machine": machine, "torch": torch.__version__, "batch_size": batch_size,
+                       "model": asdict(moe), "data_ms": data_s * 1000, "rows": results}, f, indent=2)
+    return results
+
+
+def table(results):
+    mfu = any("mfu" in r for r in results)
+    head = (f"| {'model':<12} | {'dispatch':<8} | compile | {'dtype':<8} | {'ms/step':>8} | {'tokens/s':>9} | "
+            f"{'peak MB':>8} | {'x dense':>7} | {'mem x':>5} |" + (" MFU |" if mfu else ""))
+    lines = [head, "|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|"]
+    for r in results:
+        lines.append(f"| {r['model']:<12} | {r['moe_impl']:<8} | {'on' if r['compile'] else 'off':<7} | "
+                     f"{r['dtype']:<8} | {r['ms_per_step']:>8.1f} | {r['tokens_per_s']:>9,.0f} | "
+                     f"{r['peak_memory_mb']:>8.0f} | {r['ratio_to_dense']:>7.2f} | {r['memory_ratio_to_dense']:>5.2f} |"
+                     + (f" {r.get('mfu', 0):.1%} |" if mfu else ""))
+    return "\n".join(lines)
+
+
+def main(argv):
+    try:
+        run(SimpleNamespace(**configure(argv, {k: globals()[k] for k in KEYS})))
+    except UserError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
