@@ -414,7 +414,8 @@ def train(cfg):
         return iter_num
 
     if state is None:
-        log({"event": "start", "config": vars(cfg), "model_args": asdict(mc), "params": count_params(mc)})
+        log({"event": "start", "time": time.time(), "config": vars(cfg), "model_args": asdict(mc),
+             "params": count_params(mc)})
     saved_iter = state["iter_num"] if state is not None else None
     stop = StopFlag()
     bad_steps = 0
@@ -433,7 +434,7 @@ def train(cfg):
                 for layer, s in enumerate(routing):
                     print0(routing_line(layer, s))
                 log({"iter": iter_num, "tokens": iter_num * tokens_per_iter, "val_loss": val_loss,
-                     "best_val_loss": best_val, "routing": routing})
+                     "best_val_loss": best_val, "routing": routing, "time": time.time()})
                 saved_iter = checkpoint()
                 t_last, it_last = time.time(), iter_num
             if iter_num >= cfg.max_iters:
