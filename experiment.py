@@ -89,7 +89,8 @@ def plan(cfg, train_args, exp_dir):
                         f"--seed={seed}", f"--out_dir={out_dir}",
                         f"--match={model.split('-')[1] if model != 'moe' else 'none'}"]
                 runs.append(SimpleNamespace(label=label, model=model, point=point, seed=seed, out_dir=out_dir,
-                                            args=args, overrides=overrides))
+                                            args=args, overrides=overrides,
+                                            max_iters=overrides.get("max_iters", cfg.max_iters)))
     return runs
 
 
@@ -106,9 +107,8 @@ def read_log(out_dir):
 
 
 def finished(run):
-    log = read_log(run.out_dir)
-    start = next((r for r in log if r.get("event") == "start"), None)
-    return start is not None and any("val_loss" in r and r["iter"] == start["config"]["max_iters"] for r in log)
+    """Whether the run has evaluated at its last step (so a larger max_iters continues finished runs)."""
+    return any("val_loss" in r and r["iter"] == run.max_iters for r in read_log(run.out_dir))
 
 
 def command(run):
@@ -348,11 +348,13 @@ def write_plots(runs, points, models, exp_dir):
             curves = [[(t, v) for t, it, v in r.curve if it > 0] for r in prs if r.model == m]
             if curves:
                 band(ax, curves, m)
-        ax.set(xlabel="training tokens", ylabel="validation loss", title="Validation loss (band: min-max over seeds)")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(os.path.join(exp_dir, "curves.png"), dpi=120)
-        written.append("curves.png")
+        if ax.lines:
+            ax.set(xlabel="training tokens", ylabel="validation loss",
+                   title="Validation loss (band: min-max over seeds)")
+            ax.legend()
+            fig.tight_layout()
+            fig.savefig(os.path.join(exp_dir, "curves.png"), dpi=120)
+            written.append("curves.png")
         plt.close(fig)
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for name, a, b in (("dense-active - moe", "dense-active", "moe"), ("moe - dense-total", "moe", "dense-total")):

@@ -14,7 +14,7 @@ import torch
 from configurator import UserError, configure
 from model import GPT, GPTConfig
 from prepare import encoding
-from train import load_checkpoint
+from train import load_checkpoint, load_weights
 
 # -----------------------------------------------------------------------------
 out_dir = "out"  # the run whose out_dir/ckpt.pt to load
@@ -35,7 +35,7 @@ def load_model(out_dir, device):
     """(model, tokenizer) from out_dir/ckpt.pt."""
     state = load_checkpoint(f"{out_dir}/ckpt.pt")
     model = GPT(GPTConfig(**state["model_args"]))
-    model.load_state_dict(state["model"])
+    load_weights(model, state, f"{out_dir}/ckpt.pt")
     return model.to(device).eval(), encoding(state["tokenizer"])
 
 

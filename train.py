@@ -12,6 +12,8 @@ Every knob below (and every GPTConfig field in model.py) can be set by a config 
 """
 
 import ctypes
+import glob
+import inspect
 import json
 import math
 import os
@@ -196,6 +198,14 @@ def save_checkpoint(path, state):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+        try:
+            os.fsync(folder)  # make the rename itself durable
+        finally:
+            os.close(folder)
+    except OSError as e:
+        kept = "the previous checkpoint is intact" if os.path.exists(path) else "no checkpoint was written"
+        raise UserError(f"could not write checkpoint {path} ({e.strerror or e}); {kept}") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -206,12 +216,20 @@ def load_checkpoint(path):
     if not os.path.exists(path):
         raise UserError(f"no checkpoint at {path}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain data only
     except Exception as e:
         raise UserError(f"cannot read checkpoint {path} (truncated or not a checkpoint): {type(e).__name__}") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{path} is not a tinymoe checkpoint of format {CHECKPOINT_FORMAT}")
     return state
+
+
+def load_weights(model, state, path):
+    try:
+        model.load_state_dict(state["model"])
+    except (RuntimeError, KeyError) as e:
+        raise UserError(f"{path} does not hold the weights of the model it describes: "
+                        f"{str(e).splitlines()[0]}") from None
 
 
 def truncate_log(path, iter_num, evaluated):
@@ -285,7 +303,11 @@ class StopFlag:
         self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
 
     def handle(self, signum, frame):
+        if self.set:  # a second signal: stop now, without a new checkpoint
+            print0(f"{signal.Signals(signum).name} again: stopping now; the last checkpoint is intact")
+            raise SystemExit(130)
         self.set = True
+        print0(f"{signal.Signals(signum).name}: stopping after this step (send it again to stop at once)")
 
     def restore(self):
         for sig, handler in self.previous.items():
@@ -298,7 +320,8 @@ def check_choice(cfg, name, allowed):
 
 
 def check_out_dir(out_dir, ckpt_path, fresh_start, overwrite):
-    """Refuse to overwrite another run's checkpoint by accident; make sure out_dir is writable."""
+    """Refuse to overwrite another run's checkpoint by accident; make sure out_dir is writable; remove
+    the temp files of checkpoint writes that a killed run left behind."""
     if fresh_start and os.path.exists(ckpt_path) and not overwrite:
         raise UserError(f"{ckpt_path} exists: continue it with --init_from=resume, or start over with "
                         f"--overwrite=True")
@@ -307,8 +330,19 @@ def check_out_dir(out_dir, ckpt_path, fresh_start, overwrite):
         probe = os.path.join(out_dir, f".write_test{os.getpid()}")
         open(probe, "w").close()
         os.remove(probe)
+        for stale in glob.glob(f"{ckpt_path}.tmp*"):
+            os.remove(stale)
     except OSError as e:
         raise UserError(f"out_dir {out_dir} is not writable: {e.strerror}") from None
+
+
+def check_replicas(model, world):
+    """Data parallelism keeps every process's weights identical; verify it with a checksum."""
+    checksum = sum(p.detach().double().sum().item() for p in model.parameters())
+    sums = [None] * world
+    dist.all_gather_object(sums, checksum)
+    if len(set(sums)) > 1:
+        raise UserError(f"the processes' weights diverged (checksums {sums}); please report this as a bug")
 
 
 def routing_line(layer, s):
@@ -372,7 +406,7 @@ def train(cfg):
     data_rng = torch.Generator().manual_seed(cfg.seed + rank)  # the order of the training batches
     iter_num, best_val, evaluated_iter = 0, float("inf"), -1
     if state is not None:
-        raw_model.load_state_dict(state["model"])
+        load_weights(raw_model, state, ckpt_path)
         optimizer.load_state_dict(state["optimizer"])
         iter_num, best_val, evaluated_iter = state["iter_num"], state["best_val_loss"], state["evaluated_iter"]
         if len(state["data_rng"]) != world:
@@ -387,7 +421,9 @@ def train(cfg):
     eval_model = model
     if world > 1:
         # the MoE buffers hold each process's own routing counts: DDP must not overwrite them with rank 0's
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+        no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters \
+            else "broadcast_buffers"  # the newer name (torch 2.13) and the older one
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, **{no_sync: False})
 
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * mc.block_size
     print0(f"tokens per iteration: {tokens_per_iter:,} = {cfg.gradient_accumulation_steps} x {cfg.batch_size} x "
@@ -402,6 +438,7 @@ def train(cfg):
     def checkpoint():
         rngs = [data_rng.get_state()]
         if world > 1:
+            check_replicas(raw_model, world)
             rngs = [None] * world
             dist.all_gather_object(rngs, data_rng.get_state())
         if master:
@@ -409,7 +446,7 @@ def train(cfg):
                 "format": CHECKPOINT_FORMAT, "model_args": asdict(mc), "config": vars(cfg),
                 "dataset_vocab_size": meta["vocab_size"], "tokenizer": tokenizer, "model": raw_model.state_dict(),
                 "optimizer": optimizer.state_dict(), "iter_num": iter_num, "best_val_loss": best_val,
-                "evaluated_iter": evaluated_iter, "data_rng": rngs,
+                "evaluated_iter": evaluated_iter, "data_rng": rngs, "skipped_steps": skipped,
             })
         return iter_num
 
@@ -418,7 +455,8 @@ def train(cfg):
              "params": count_params(mc)})
     saved_iter = state["iter_num"] if state is not None else None
     stop = StopFlag()
-    bad_steps = 0
+    bad_steps = 0  # in a row
+    skipped = state["skipped_steps"] if state is not None else 0  # in all
     bar = tqdm(total=cfg.max_iters, initial=iter_num, disable=not (master and sys.stderr.isatty()), dynamic_ncols=True)
     t_last, it_last = time.time(), iter_num
     try:
@@ -462,6 +500,7 @@ def train(cfg):
             else:  # a non-finite loss or gradient: skip the step rather than poison the weights
                 raw_model.pop_routing_stats()
                 bad_steps += 1
+                skipped += 1
                 print0(f"iter {iter_num}: non-finite loss or gradient, step skipped ({bad_steps} in a row)")
                 if bad_steps >= cfg.max_bad_steps:
                     last_good = f"{ckpt_path} (iteration {saved_iter})" if saved_iter is not None else "none"
@@ -479,7 +518,7 @@ def train(cfg):
                 print0(f"iter {iter_num}: loss {vals['loss']:.4f}, ce {vals['ce']:.4f}, aux {vals['aux']:.4f}, "
                        f"z {vals['z']:.4f}, lr {lr:.1e}, {dt * 1000:.1f}ms")
                 log({"iter": iter_num, "tokens": iter_num * tokens_per_iter, **vals, "lr": lr,
-                     "ms_per_iter": dt * 1000, "tokens_per_s": tokens_per_iter / dt})
+                     "ms_per_iter": dt * 1000, "tokens_per_s": tokens_per_iter / dt, "skipped_steps": skipped})
 
             # --- stop cleanly on SIGINT / SIGTERM ---
             stop_now = torch.tensor(float(stop.set))
@@ -494,6 +533,10 @@ def train(cfg):
         stop.restore()
         bar.close()
         if world > 1:
+            # free DDP (its reducer holds the process group) and finish all collectives first: a
+            # process group destroyed while its worker threads still release tensors can deadlock
+            del model
+            dist.barrier()
             dist.destroy_process_group()
     print0(f"best val loss {best_val:.4f}")
     return best_val

@@ -1,0 +1,47 @@
+"""Soak test (skipped by default; run with `python -m pytest -m soak`, a few minutes): a tiny MoE
+trains a few thousand steps while being killed with SIGKILL at random moments and resumed, and ends
+bit-identical to an uninterrupted run."""
+
+import random
+import subprocess
+import time
+
+import pytest
+import torch
+from test_faults import ROOT, logged_iters, run_until_done, step_losses, train_cmd, val_losses
+
+STEPS = 3000
+
+
+@pytest.mark.soak
+def test_kill_and_resume_soak(data_root, tmp_path):
+    args = [f"--max_iters={STEPS}", "--eval_interval=100", "--log_interval=10", "--balance=aux_free",
+            "--capacity_factor=1.25"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    run_until_done(train_cmd(data_root, straight, *args), timeout=900)
+    rng = random.Random(0)
+    kills = 0
+    cmd = train_cmd(data_root, killed, *args)
+    while True:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            proc.wait(timeout=rng.uniform(4, 12))  # import and resume take ~3 s: kill at any later moment
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            kills += 1
+            cmd = train_cmd(data_root, killed, *args, "--init_from=resume")
+            continue
+        assert proc.returncode == 0, proc.stderr.read()
+        break
+    assert kills >= 3, "the run finished before it could be killed a few times"
+    assert logged_iters(killed) == STEPS
+    assert step_losses(killed) == step_losses(straight)
+    assert val_losses(killed) == val_losses(straight)
+    a = torch.load(killed / "ckpt.pt", weights_only=True)
+    b = torch.load(straight / "ckpt.pt", weights_only=True)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in b["model"])
+    assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
+    for i, s in b["optimizer"]["state"].items():
+        assert all(torch.equal(a["optimizer"]["state"][i][k], v) for k, v in s.items())
+    print(f"soak: {kills} kills over {STEPS} steps, final state identical ({time.strftime('%X')})")
