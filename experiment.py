@@ -42,6 +42,7 @@ report_only = False  # only rewrite the report from the runs already in out/<nam
 EXPERIMENT_KEYS = [k for k, v in list(globals().items()) if not k.startswith("_") and k.islower()
                    and isinstance(v, (int, float, bool, str))]
 BASELINES = {"both": ["dense-active", "dense-total"], "active": ["dense-active"], "total": ["dense-total"], "none": []}
+GAPS = (("dense-active - moe", "dense-active", "moe"), ("moe - dense-total", "moe", "dense-total"))  # name, a, b
 
 
 def parse_sweep(text):
@@ -266,7 +267,7 @@ def paired_gaps(prs):
     """{'dense-active - moe': [per seed], 'moe - dense-total': [...]} from finished runs, paired by seed."""
     best = {(r.model, r.seed): r.best for r in prs if r.done}
     gaps = {}
-    for name, a, b in (("dense-active - moe", "dense-active", "moe"), ("moe - dense-total", "moe", "dense-total")):
+    for name, a, b in GAPS:
         seeds_ok = sorted(s for (m, s) in best if m == a and (b, s) in best)
         if seeds_ok:
             gaps[name] = [best[(a, s)] - best[(b, s)] for s in seeds_ok]
@@ -287,7 +288,7 @@ def gap_lines(prs):
         header = "| gap | " + " | ".join(f"step {it}" for it in marks) + " |"
         lines += ["", "The gaps in validation loss over training (mean +/- std over seeds):", "", header,
                   "|---|" + "---|" * len(marks)]
-        for name, a, b in (("dense-active - moe", "dense-active", "moe"), ("moe - dense-total", "moe", "dense-total")):
+        for name, a, b in GAPS:
             if name not in gaps:
                 continue
             cells = []
@@ -340,6 +341,15 @@ def write_plots(runs, points, models, exp_dir):
         if len(curves) > 1:
             ax.fill_between(xs, [min(y) for y in ys], [max(y) for y in ys], alpha=0.25)
 
+    def save(fig, ax, filename, **labels):
+        if ax.lines or ax.containers:  # something was drawn
+            ax.set(**labels)
+            ax.legend()
+            fig.tight_layout()
+            fig.savefig(os.path.join(exp_dir, filename), dpi=120)
+            written.append(filename)
+        plt.close(fig)
+
     point = points[0] if len(points) == 1 else None
     if point is not None:
         prs = [r for r in runs if r.point == point and r.done]
@@ -348,16 +358,10 @@ def write_plots(runs, points, models, exp_dir):
             curves = [[(t, v) for t, it, v in r.curve if it > 0] for r in prs if r.model == m]
             if curves:
                 band(ax, curves, m)
-        if ax.lines:
-            ax.set(xlabel="training tokens", ylabel="validation loss",
-                   title="Validation loss (band: min-max over seeds)")
-            ax.legend()
-            fig.tight_layout()
-            fig.savefig(os.path.join(exp_dir, "curves.png"), dpi=120)
-            written.append("curves.png")
-        plt.close(fig)
+        save(fig, ax, "curves.png", xlabel="training tokens", ylabel="validation loss",
+             title="Validation loss (band: min-max over seeds)")
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        for name, a, b in (("dense-active - moe", "dense-active", "moe"), ("moe - dense-total", "moe", "dense-total")):
+        for name, a, b in GAPS:
             curves = []
             for s in sorted({r.seed for r in prs}):
                 ra = next((r for r in prs if r.model == a and r.seed == s), None)
@@ -367,15 +371,9 @@ def write_plots(runs, points, models, exp_dir):
                     curves.append([(t, v - vb[it]) for t, it, v in ra.curve if it > 0 and it in vb])
             if curves:
                 band(ax, curves, name)
-        if ax.lines:
-            ax.axhline(0, color="gray", lw=0.8)
-            ax.set(xlabel="training tokens", ylabel="validation loss gap",
-                   title="Gaps (positive: the first model is worse)")
-            ax.legend()
-            fig.tight_layout()
-            fig.savefig(os.path.join(exp_dir, "gaps.png"), dpi=120)
-            written.append("gaps.png")
-        plt.close(fig)
+        ax.axhline(0, color="gray", lw=0.8)
+        save(fig, ax, "gaps.png", xlabel="training tokens", ylabel="validation loss gap",
+             title="Gaps (positive: the first model is worse)")
     else:
         keys = list(points[0])
         fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -395,12 +393,8 @@ def write_plots(runs, points, models, exp_dir):
                         capsize=3, label=label)
         if numeric and all(p[keys[0]] > 0 for p in points):
             ax.set_xscale("log", base=2)
-        ax.set(xlabel=keys[0], ylabel="best validation loss", title="Sweep (bars: min-max over seeds)")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(os.path.join(exp_dir, "sweep.png"), dpi=120)
-        written.append("sweep.png")
-        plt.close(fig)
+        save(fig, ax, "sweep.png", xlabel=keys[0], ylabel="best validation loss",
+             title="Sweep (bars: min-max over seeds)")
     return written
 
 

@@ -23,6 +23,14 @@ def run_script(*args, timeout=600, **kwargs):
                           **kwargs)
 
 
+def one_line_error(r, message):
+    """A script stopped on a user's mistake: non-zero exit, the message as one line, no traceback."""
+    assert r.returncode != 0, r.stdout
+    assert "Traceback" not in r.stderr, r.stderr
+    assert message in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
 def corpus_text(n_chars=300_000):
     """Real English text for tests: Shakespeare from ../shared when present, else a generated corpus."""
     if os.path.exists(SHAKESPEARE):

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import ROOT, TINY_MOE, run_script
+from conftest import ROOT, TINY_MOE, one_line_error, run_script
 
 import train
 from configurator import UserError, configure
@@ -155,13 +155,6 @@ def test_full_disk_during_checkpoint_keeps_the_previous_one(tmp_path, monkeypatc
     with pytest.raises(UserError, match="No space left on device.*previous checkpoint is intact"):
         train.save_checkpoint(str(path), {"format": train.CHECKPOINT_FORMAT, "iter_num": 2})
     assert path.read_bytes() == before and os.listdir(tmp_path) == ["ckpt.pt"]
-
-
-def one_line_error(r, message):
-    assert r.returncode != 0, r.stdout
-    assert "Traceback" not in r.stderr, r.stderr
-    assert message in r.stderr, r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
 def test_checkpoint_with_foreign_weights_is_rejected(data_root, tmp_path):

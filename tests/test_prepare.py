@@ -7,7 +7,7 @@ import threading
 
 import numpy as np
 import pytest
-from conftest import TINYSTORIES_SAMPLE, corpus_text, needs_gpt2, run_script
+from conftest import TINYSTORIES_SAMPLE, corpus_text, needs_gpt2, one_line_error, run_script
 
 import prepare
 from configurator import UserError
@@ -96,9 +96,7 @@ def test_bad_input_files(tmp_path, content, message):
     path = tmp_path / "input.txt"
     if content is not None:
         path.write_bytes(content)
-    r = run_script("prepare.py", "--input", str(path), "--data_root", str(tmp_path))
-    assert r.returncode != 0
-    assert message in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    one_line_error(run_script("prepare.py", "--input", str(path), "--data_root", str(tmp_path)), message)
 
 
 class RangeHandler(http.server.BaseHTTPRequestHandler):

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_MOE, run_script
+from conftest import TINY_MOE, one_line_error, run_script
 
 import train
 from configurator import UserError
@@ -19,13 +19,6 @@ def train_args(data_root, out_dir, *extra):
 
 def records(out_dir):
     return [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
-
-
-def one_line_error(r, message):
-    assert r.returncode != 0, r.stdout
-    assert "Traceback" not in r.stderr, r.stderr
-    assert message in r.stderr, r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
 def test_train_moe_end_to_end(data_root, tmp_path):
