@@ -14,7 +14,7 @@ dense-active model. Peak memory is the allocator's peak on CUDA; on CPU (Linux) 
 memory of a fresh process running two such steps, less its resident memory before the model.
 """
 
-import json
+import json as jsonlib
 import multiprocessing
 import os
 import statistics
@@ -37,7 +37,7 @@ dtype = "float32"  # "float32" or "bfloat16" (autocast, as in training)
 compile = False  # also time each model under torch.compile (fullgraph)
 repeats = 7  # timed steps per model, interleaved
 warmup = 2  # untimed steps per model first (compilation happens here)
-json_out = ""  # also write the table to this JSON file
+json = ""  # also write the table to this JSON file, for tools: --json=bench.json
 # -----------------------------------------------------------------------------
 KEYS = [k for k, v in list(globals().items()) if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "4090": 165e12}
@@ -193,9 +193,9 @@ def run(cfg):
     data_s = data_cost(batch_size, moe.block_size, dev)
     dense_s = results[0]["ms_per_step"] / 1000
     print(f"data: get_batch takes {data_s * 1000:.2f} ms = {data_s / dense_s:.2%} of a dense-active step")
-    if cfg.json_out:
-        with open(cfg.json_out, "w") as f:
-            json.dump({"machine": machine, "torch": torch.__version__, "batch_size": batch_size,
+    if cfg.json:
+        with open(cfg.json, "w") as f:
+            jsonlib.dump({"machine": machine, "torch": torch.__version__, "batch_size": batch_size,
                        "model": asdict(moe), "data_ms": data_s * 1000, "rows": results}, f, indent=2)
     return results
 

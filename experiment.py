@@ -42,6 +42,8 @@ report_only = False  # only rewrite the report from the runs already in out/<nam
 EXPERIMENT_KEYS = [k for k, v in list(globals().items()) if not k.startswith("_") and k.islower()
                    and isinstance(v, (int, float, bool, str))]
 BASELINES = {"both": ["dense-active", "dense-total"], "active": ["dense-active"], "total": ["dense-total"], "none": []}
+# best validation loss over 3 seeds in the tiny-scale dense-vs-sparse study (TinyStories, < 25M parameters)
+PUBLISHED = {"dense-active": (1.6545, 0.0012), "moe": (1.5788, 0.0020), "dense-total": (1.5608, 0.0025)}
 GAPS = (("dense-active - moe", "dense-active", "moe"), ("moe - dense-total", "moe", "dense-total"))  # name, a, b
 
 
@@ -153,15 +155,8 @@ def execute(runs, jobs):
 # the report
 
 
-def code_version():
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                                check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True).stdout.strip()
-        return f"commit {commit}" + (" with uncommitted changes" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "not a git checkout"
+def run_versions(runs):
+    return {r.start["code"] for r in runs if r.start and "code" in r.start}
 
 
 def machine():
@@ -221,11 +216,12 @@ def value_at(curve, iter_num):
 
 
 def write_report(cfg, runs, exp_dir, wall_s, argv):
-    runs = collect(runs)
     points = parse_sweep(cfg.sweep)
     models = list(dict.fromkeys(r.model for r in runs))
     lines = [f"# Experiment {os.path.basename(exp_dir)}", "",
-             f"Command: `python experiment.py {' '.join(argv)}`", "", f"Code: {code_version()}; {machine()}.", ""]
+             f"Command: `python experiment.py {' '.join(a for a in argv if not a.startswith('--report_only'))}`",
+             "", f"Code: runs at {', '.join(sorted(run_versions(runs))) or 'an unrecorded version'}; report at "
+             f"{train.code_version()}. Machine: {machine()}.", ""]
     any_start = next((r.start for r in runs if r.start), None)
     if any_start:
         c = any_start["config"]
@@ -235,8 +231,8 @@ def write_report(cfg, runs, exp_dir, wall_s, argv):
                   f"evaluation every {c['eval_interval']} steps on {c['eval_iters']} fixed validation batches.",
                   f"Seeds: {', '.join(str(cfg.seed + i) for i in range(cfg.seeds))}. "
                   f"Runs finished: {sum(r.done for r in runs)} of {len(runs)}, {cfg.jobs} at a time; "
-                  f"{sum(r.seconds for r in runs) / 60:.1f} min of training summed over runs; "
-                  f"this invocation took {wall_s / 60:.1f} min.", ""]
+                  f"{sum(r.seconds for r in runs) / 60:.1f} min of training summed over runs"
+                  + ("." if cfg.report_only else f"; this invocation took {wall_s / 60:.1f} min."), ""]
     lines += ["## Models", "",
               "Active = parameters one token uses: embeddings, attention, norms, the router (counted as active: "
               "every token uses all of it) and top_k of the n_experts experts. Mismatch: a dense model's total "
@@ -254,6 +250,8 @@ def write_report(cfg, runs, exp_dir, wall_s, argv):
         lines += [""] + gap_lines(prs)
     if cfg.sweep:
         lines += sweep_lines(runs, points, models)
+    elif set(PUBLISHED) <= set(models):
+        lines += ordering_lines(runs)
     plots = write_plots(runs, points, models, exp_dir)
     lines += [f"![{p}]({p})" for p in plots] or ["(matplotlib is not installed: no plots; curves.csv has the data)"]
     write_csv(runs, exp_dir)
@@ -302,6 +300,21 @@ def gap_lines(prs):
                 cells.append(mean_std(vals))
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines + [""]
+
+
+def ordering_lines(runs):
+    """This experiment's ordering of the trio next to the published one."""
+    means = {m: statistics.mean(v) for m in PUBLISHED if (v := [r.best for r in runs if r.model == m and r.done])}
+    if len(means) < len(PUBLISHED):
+        return []
+    ours = " < ".join(sorted(means, key=means.get))
+    theirs = " < ".join(sorted(PUBLISHED, key=lambda m: PUBLISHED[m][0]))
+    published = ", ".join(f"{m} {v:.4f} +/- {s:.4f}" for m, (v, s) in PUBLISHED.items())
+    return ["## Against the published result", "",
+            f"Published (TinyStories, under 25M parameters, 3 seeds; best validation loss): {published}.", "",
+            f"Ordering of mean best validation loss here: {ours}; published: {theirs} "
+            f"({'the same' if ours == theirs else 'different'}). Absolute losses are not comparable across "
+            f"datasets, tokenizers and model sizes; the ordering and the sign of the gaps are.", ""]
 
 
 def sweep_lines(runs, points, models):
@@ -426,7 +439,7 @@ def main(argv):
         t0 = time.time()
         if not cfg.report_only:
             execute(runs, cfg.jobs)
-        report = write_report(cfg, runs, exp_dir, time.time() - t0, argv)
+        report = write_report(cfg, collect(runs), exp_dir, time.time() - t0, argv)
         print(f"report: {report}")
     except UserError as e:
         sys.exit(f"error: {e}")

@@ -154,6 +154,11 @@ class MLP(nn.Module):
 # H = expert hidden size. A "slot" is one (token, chosen expert) pair: there are N*K.
 
 
+def compute_dtype(x):
+    """The dtype matmuls on x run in: autocast's where it is on, else x's own."""
+    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+
+
 def grouped_mm_works(device, dtype):
     """Whether torch's grouped GEMM can run here: on CPU in fp32 or bf16 eagerly but only bf16
     under torch.compile (torch 2.13); on CUDA in bf16 from Ampere (SM 8.0) on."""
@@ -197,7 +202,7 @@ class Experts(nn.Module):
         """All experts on their slots at once: xs (N*K, C) sorted by expert, offs (E,) int32 group ends,
         gate (N*K,) each slot's routing weight. Returns gate * expert(xs), (N*K, C)."""
         w1, w3, w2 = self.stacked()
-        dtype = torch.get_autocast_dtype(xs.device.type) if torch.is_autocast_enabled(xs.device.type) else xs.dtype
+        dtype = compute_dtype(xs)
         xs, w1, w3, w2 = (t.to(dtype) for t in (xs, w1, w3, w2))  # grouped_mm is not autocast-aware
         h = F.silu(F.grouped_mm(xs, w1, offs=offs)) * F.grouped_mm(xs, w3, offs=offs)  # (N*K, H)
         gate = gate[:, None].to(dtype)
@@ -213,7 +218,6 @@ class MoE(nn.Module):
         super().__init__()
         self.config = config
         E = config.n_experts
-        sizes = config.expert_sizes
         groups = config.expert_groups or ((E, config.expert_hidden),)
         self.router = nn.Linear(config.n_embd, E, bias=False)
         self.experts = Experts(config.n_embd, groups)
@@ -228,7 +232,6 @@ class MoE(nn.Module):
         self.register_buffer("dropped", torch.zeros(()), persistent=False)  # slots over capacity
         self.register_buffer("entropy", torch.zeros(()), persistent=False)  # sum over tokens of router entropy
         self.register_buffer("tokens", torch.zeros(()), persistent=False)
-        self.uneven = len(set(sizes)) > 1
 
     def forward(self, x):
         """x (B, T, C) -> (output (B, T, C), Switch aux loss, z-loss)."""
@@ -292,8 +295,7 @@ class MoE(nn.Module):
 
     def use_grouped(self, x):
         if self.config.moe_impl == "auto":
-            dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-            return grouped_mm_works(x.device, dtype)
+            return grouped_mm_works(x.device, compute_dtype(x))
         return self.config.moe_impl == "grouped"
 
     def dispatch_grouped(self, x, weights, experts):

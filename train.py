@@ -18,6 +18,7 @@ import json
 import math
 import os
 import signal
+import subprocess
 import sys
 import time
 from contextlib import nullcontext
@@ -77,6 +78,18 @@ TRAIN_KEYS = [k for k, v in list(globals().items()) if not k.startswith("_") and
 def defaults():
     """All config keys with their defaults: the model's (GPTConfig fields) and train.py's own."""
     return {**{f.name: f.default for f in fields(GPTConfig)}, **{k: globals()[k] for k in TRAIN_KEYS}}
+
+
+def code_version():
+    """The git commit of this code, for logs and reports."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True).stdout.strip()
+        return f"commit {commit}" + (" with uncommitted changes" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "not a git checkout"
 
 
 def print0(*args, **kwargs):
@@ -451,8 +464,8 @@ def train(cfg):
         return iter_num
 
     if state is None:
-        log({"event": "start", "time": time.time(), "config": vars(cfg), "model_args": asdict(mc),
-             "params": count_params(mc)})
+        log({"event": "start", "time": time.time(), "code": code_version(), "config": vars(cfg),
+             "model_args": asdict(mc), "params": count_params(mc)})
     saved_iter = state["iter_num"] if state is not None else None
     stop = StopFlag()
     bad_steps = 0  # in a row

@@ -13,7 +13,7 @@ def test_bench_table_and_json(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(bench, "shapes", lambda quick: (tiny, 2))
     out = tmp_path / "bench.json"
     cfg = SimpleNamespace(quick=True, device="cpu", dtype="float32", compile=False, repeats=2, warmup=1,
-                          json_out=str(out))
+                          json=str(out))
     rows = bench.run(cfg)
     assert [(r["model"], r["moe_impl"]) for r in rows] == [
         ("dense-active", "-"), ("moe-e4k2", "grouped"), ("moe-e4k2", "loop"), ("moe-e16k4", "grouped"),

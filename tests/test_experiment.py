@@ -31,7 +31,8 @@ def test_trio_over_seeds_and_report(data_root, in_tmp, capsys):
                     "moe-s1337", "moe-s1338"]
     report = (exp / "report.md").read_text()
     for text in ("| moe | 2 x 32 | 4x48 | top-2, router 256 |", "dense-active - moe:", "moe - dense-total:",
-                 "Runs finished: 6 of 6", "router (counted as active", "![curves.png](curves.png)"):
+                 "Runs finished: 6 of 6", "router (counted as active", "![curves.png](curves.png)",
+                 "## Against the published result", "published: dense-total < moe < dense-active"):
         assert text in report, text
     assert (exp / "curves.png").exists() and (exp / "gaps.png").exists() and (exp / "curves.csv").exists()
     # the report's numbers are the runs' numbers
@@ -89,6 +90,15 @@ def test_grid_sweep_names_and_report(data_root, in_tmp):
     report = (exp / "report.md").read_text()
     assert "| n_experts | top_k | moe |" in report
     assert report.count("\n| 2 | 1 |") == 1 and report.count("\n| 4 | 2 |") == 1
+
+
+def test_tokens_per_parameter_sweep(data_root, in_tmp):
+    main(data_root, "--seeds=1", "--sweep=max_iters=2,4", "--match=none", "--name=length")
+    exp = in_tmp / "out" / "length"
+    for n in (2, 4):
+        records = [json.loads(line) for line in open(exp / f"moe-max_iters={n}-s1337" / "metrics.jsonl")]
+        assert max(r["iter"] for r in records if "val_loss" in r) == n
+    assert "| max_iters | moe |" in (exp / "report.md").read_text()
 
 
 def test_report_without_matplotlib(data_root, in_tmp, monkeypatch):
