@@ -384,7 +384,8 @@ def write_plots(runs, points, models, exp_dir):
                     curves.append([(t, v - vb[it]) for t, it, v in ra.curve if it > 0 and it in vb])
             if curves:
                 band(ax, curves, name)
-        ax.axhline(0, color="gray", lw=0.8)
+        if ax.lines:
+            ax.axhline(0, color="gray", lw=0.8)
         save(fig, ax, "gaps.png", xlabel="training tokens", ylabel="validation loss gap",
              title="Gaps (positive: the first model is worse)")
     else:
