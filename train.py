@@ -129,6 +129,8 @@ def param_table(mc, match):
         hidden = c.ffn_hidden if c.n_experts == 0 else "/".join(str(h) for h in sorted(set(c.expert_sizes)))
         if c.n_experts > 0:
             hidden = f"{c.n_experts}x{hidden}"
+            if c.n_shared_experts:
+                hidden += f"+{c.n_shared_experts}x{c.shared_expert_hidden}"
         target = name.split("-")[-1] if name.startswith("dense-") else None
         mismatch = f"{(n['total'] - moe_counts[target]) / moe_counts[target]:+.3%}" if target else ""
         mark = " <- trains" if (name == "moe" and match == "none") or target == match or name == "model" else ""
@@ -251,8 +253,8 @@ def truncate_log(path, iter_num, evaluated):
     if not os.path.exists(path):
         return
     records = [json.loads(line) for line in open(path) if line.strip()]
-    keep = [r for r in records if r.get("iter", 0) < iter_num or r.get("iter") == iter_num
-            and ("val_loss" not in r or evaluated)]
+    keep = [r for r in records if r.get("iter", 0) < iter_num
+            or (r.get("iter") == iter_num and ("val_loss" not in r or evaluated))]
     with open(path, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in keep)
 
