@@ -159,13 +159,15 @@ def compute_dtype(x):
     return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
 
 
-def grouped_mm_works(device, dtype):
+def grouped_mm_works(device, dtype, widths):
     """Whether torch's grouped GEMM can run here: on CPU in fp32 or bf16 eagerly but only bf16
-    under torch.compile (torch 2.13); on CUDA in bf16 from Ampere (SM 8.0) on."""
+    under torch.compile (torch 2.13); on CUDA in bf16 from Ampere (SM 8.0) on, with every matrix
+    width (n_embd, expert hidden sizes) a multiple of 8, as its kernels need 16-byte aligned rows."""
     if device.type == "cpu":
         return dtype == torch.bfloat16 or (dtype == torch.float32 and not torch.compiler.is_compiling())
     if device.type == "cuda":
-        return dtype == torch.bfloat16 and torch.cuda.get_device_capability(device)[0] >= 8
+        return (dtype == torch.bfloat16 and torch.cuda.get_device_capability(device)[0] >= 8
+                and all(w % 8 == 0 for w in widths))
     return False
 
 
@@ -295,7 +297,7 @@ class MoE(nn.Module):
 
     def use_grouped(self, x):
         if self.config.moe_impl == "auto":
-            return grouped_mm_works(x.device, compute_dtype(x))
+            return grouped_mm_works(x.device, compute_dtype(x), [x.shape[1], *self.config.expert_sizes])
         return self.config.moe_impl == "grouped"
 
     def dispatch_grouped(self, x, weights, experts):
