@@ -26,7 +26,6 @@ from types import SimpleNamespace
 
 import train
 from configurator import UserError, configure
-from model import match_dense
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -47,8 +46,9 @@ PUBLISHED = {"dense-active": (1.6545, 0.0012), "moe": (1.5788, 0.0020), "dense-t
 GAPS = (("dense-active - moe", "dense-active", "moe"), ("moe - dense-total", "moe", "dense-total"))  # name, a, b
 
 
-def parse_sweep(text):
-    """'a=1,2;b=x' -> [{'a': 1, 'b': 'x'}, {'a': 2, 'b': 'x'}] (values as Python literals where they parse)."""
+def parse_sweep(text, defaults):
+    """'a=1,2;b=x' -> [{'a': 1, 'b': 'x'}, {'a': 2, 'b': 'x'}], each value parsed and checked as the
+    configurator parses --key=value (so a misspelt key or a wrong type stops here, not mid-experiment)."""
     if not text:
         return [{}]
     axes = []
@@ -56,16 +56,9 @@ def parse_sweep(text):
         key, eq, values = part.partition("=")
         if not eq or not values:
             raise UserError(f"sweep expects key=v1,v2[;key2=w1,w2], got {part!r}")
-        axes.append([(key.strip(), literal(v.strip())) for v in values.split(",")])
+        key = key.strip()
+        axes.append([(key, configure([f"--{key}={v.strip()}"], defaults)[key]) for v in values.split(",")])
     return [dict(point) for point in itertools.product(*axes)]
-
-
-def literal(text):
-    import ast
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
 
 
 def point_label(point):
@@ -74,7 +67,7 @@ def point_label(point):
 
 def plan(cfg, train_args, exp_dir):
     """The runs of the experiment: a list of namespaces (label, model, point, seed, out_dir, args)."""
-    points = parse_sweep(cfg.sweep)
+    points = parse_sweep(cfg.sweep, vars(cfg))
     baselines = BASELINES[cfg.match or ("none" if cfg.sweep else "both")]
     runs = []
     for point in points:
@@ -90,16 +83,22 @@ def plan(cfg, train_args, exp_dir):
                 args = [*train_args, *(f"--{k}={v!r}" if not isinstance(v, str) else f"--{k}={v}"
                                        for k, v in overrides.items()),
                         f"--seed={seed}", f"--out_dir={out_dir}",
-                        f"--match={model.split('-')[1] if model != 'moe' else 'none'}"]
+                        f"--match={match_of(model)}"]
                 runs.append(SimpleNamespace(label=label, model=model, point=point, seed=seed, out_dir=out_dir,
                                             args=args, overrides=overrides,
                                             max_iters=overrides.get("max_iters", cfg.max_iters)))
     return runs
 
 
-def configured_model(cfg, **overrides):
-    """The GPTConfig of the configured MoE, with some keys overridden."""
-    return train.model_configs(SimpleNamespace(**{**vars(cfg), **overrides, "match": "none"}))[0]
+def match_of(model):
+    """train.py's --match for a model name: moe -> none, dense-active -> active, dense-total -> total."""
+    return model.split("-")[1] if model != "moe" else "none"
+
+
+def configured_model(cfg, match="none", **overrides):
+    """The GPTConfig train.py builds from cfg with some keys overridden: the MoE, or with match
+    its matched dense baseline (UserError if it cannot be built or matched)."""
+    return train.model_configs(SimpleNamespace(**{**vars(cfg), **overrides, "match": match}))[1]
 
 
 def read_log(out_dir):
@@ -216,7 +215,7 @@ def value_at(curve, iter_num):
 
 
 def write_report(cfg, runs, exp_dir, wall_s, argv):
-    points = parse_sweep(cfg.sweep)
+    points = parse_sweep(cfg.sweep, vars(cfg))
     models = list(dict.fromkeys(r.model for r in runs))
     lines = [f"# Experiment {os.path.basename(exp_dir)}", "",
              f"Command: `python experiment.py {' '.join(a for a in argv if not a.startswith('--report_only'))}`",
@@ -434,9 +433,7 @@ def main(argv):
             cfg.vocab_size = train.load_meta(os.path.join(cfg.data_root, cfg.dataset), cfg.dataset)["vocab_size"]
         runs = plan(cfg, train_args, exp_dir)
         for r in runs:  # every variant must be a valid model that can be matched, before any training
-            moe = configured_model(cfg, **r.overrides)
-            if r.model != "moe":
-                match_dense(moe, r.model.split("-")[1])
+            configured_model(cfg, match_of(r.model), **r.overrides)
         t0 = time.time()
         if not cfg.report_only:
             execute(runs, cfg.jobs)

@@ -351,13 +351,9 @@ def check_out_dir(out_dir, ckpt_path, fresh_start, overwrite):
         raise UserError(f"out_dir {out_dir} is not writable: {e.strerror}") from None
 
 
-def check_replicas(model, world):
-    """Data parallelism keeps every process's weights identical; verify it with a checksum."""
-    checksum = sum(p.detach().double().sum().item() for p in model.parameters())
-    sums = [None] * world
-    dist.all_gather_object(sums, checksum)
-    if len(set(sums)) > 1:
-        raise UserError(f"the processes' weights diverged (checksums {sums}); please report this as a bug")
+def weights_checksum(model):
+    """One number from all weights: data parallelism must keep it equal on every process."""
+    return torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().item()
 
 
 def routing_line(layer, s):
@@ -452,10 +448,12 @@ def train(cfg):
 
     def checkpoint():
         rngs = [data_rng.get_state()]
-        if world > 1:
-            check_replicas(raw_model, world)
-            rngs = [None] * world
-            dist.all_gather_object(rngs, data_rng.get_state())
+        if world > 1:  # one collective: every process's data sampler state and weights checksum
+            gathered = [None] * world
+            dist.all_gather_object(gathered, (data_rng.get_state(), weights_checksum(raw_model)))
+            rngs, sums = zip(*gathered)
+            if len(set(sums)) > 1:
+                raise UserError(f"the processes' weights diverged (checksums {sums}); please report this as a bug")
         if master:
             save_checkpoint(ckpt_path, {
                 "format": CHECKPOINT_FORMAT, "model_args": asdict(mc), "config": vars(cfg),
