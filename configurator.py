@@ -13,7 +13,9 @@ default is a string takes the text as written. Mistakes raise UserError with one
 
 import ast
 import difflib
+import io
 import os
+import tokenize
 
 
 class UserError(Exception):
@@ -87,3 +89,30 @@ def configure(argv, defaults):
         else:
             apply_file(arg, defaults, config)
     return config
+
+
+def knob_comments(path):
+    """{name: comment} for each line `name = value  # comment` (or `name: type = value  # comment`) of a Python
+    file: the one-line docs of a script's knobs, or of a dataclass's fields. The first definition of a name wins."""
+    comments, line = {}, []
+    for token in tokenize.generate_tokens(io.StringIO(open(path).read()).readline):
+        assignment = line and line[0].type == tokenize.NAME and "=" in [t.string for t in line]
+        if token.type == tokenize.COMMENT and assignment:
+            comments.setdefault(line[0].string, token.string.lstrip("#").strip())
+        if token.type in (tokenize.NEWLINE, tokenize.NL):
+            line = []
+        elif token.type not in (tokenize.INDENT, tokenize.DEDENT, tokenize.COMMENT):
+            line.append(token)
+    return comments
+
+
+def usage(doc, defaults, paths):
+    """--help text: a script's docstring, then every knob as --key=default with the comment beside its
+    definition in one of paths (the script, and e.g. model.py for GPTConfig's fields)."""
+    comments = {}
+    for path in paths:
+        comments = {**knob_comments(path), **comments}
+    knobs = [(f"--{key}={value}", comments.get(key, "")) for key, value in defaults.items()]
+    width = max(len(knob) for knob, _ in knobs)
+    return "\n".join([doc.strip(), "", "knobs, set by config files or --key=value (shown with their defaults):",
+                      *(f"  {knob:<{width}}  {comment}".rstrip() for knob, comment in knobs)])
