@@ -1,27 +1,50 @@
 """
-Tokenize a text corpus into data/<name>/{train.bin, val.bin, meta.json} for train.py.
+Make a dataset for train.py: download a named corpus (or read local text), tokenize it and write
+data_root/<name>/{train.bin, val.bin, meta.json, tokenizer.json}.
 
-    python prepare.py                                    # download TinyStories (V2, GPT-4 stories)
-    python prepare.py --vocab_size 4096                  # ... with a BPE tokenizer trained on it
-    python prepare.py --input a.txt b.txt --name mine    # local text files instead
-    python prepare.py --input ../shared/data/shakespeare.txt --name shakespeare --vocab_size 2048
+    python prepare.py                                               # TinyStories (~2 GB), GPT-2's tokenizer
+    python prepare.py --corpus=tinystories_slice --vocab_size=4096  # its first 20 MB, a 4096-token BPE
+    python prepare.py --corpus=shakespeare --vocab_size=2048        # tiny Shakespeare (1 MB)
+    python prepare.py --input=a.txt,b.txt --name=mine --vocab_size=2048  # local text: no network needed
+    python prepare.py --help                                        # every knob, its default and what it does
 
-Documents are separated by <|endoftext|> (as in TinyStories); each is followed by the end-of-text
-token in the .bin files. Tokens are uint16 when the vocabulary fits, else uint32. The tokenizer is
-GPT-2's (tiktoken), or with --vocab_size a byte-level BPE trained here on the training text with
-GPT-2's pre-tokenization, saved as tokenizer.json and loaded back as a tiktoken.Encoding.
+Corpora (downloads go to data_root/_downloads/, with a progress bar; an interrupted one resumes
+where it stopped when the command is run again, and each must add up to the size the server announced):
+- tinystories: the V2 stories written by GPT-4 (roneneldan/TinyStories on Hugging Face), its train
+  file (~2 GB) for training and its valid file (~20 MB) for validation.
+- tinystories_slice: the first slice_mb MB of that train file, fetched with an HTTP range request
+  and cut after its last whole story, validated on the whole valid file. Why a slice of the train
+  file rather than the valid file split in two: the validation stories are then the very ones the
+  full corpus (and the study this repo reproduces) validates on, never trained on, and the size is
+  a free knob rather than capped at the valid file's ~20 MB.
+- shakespeare: tiny Shakespeare, the 1 MB char-rnn input.txt that nanoGPT uses; the last
+  val_fraction of it (cut at a line break) is held out.
+Local files (--input) are read whole; documents are separated by <|endoftext|> (as in TinyStories)
+and the last val_fraction of them is held out (a single document is cut at a line break).
+
+Each document is followed by the end-of-text token in the .bin files; tokens are uint16 when the
+vocabulary fits, else uint32. The tokenizer is GPT-2's (tiktoken: it fetches its files once, so
+offline it needs TIKTOKEN_CACHE_DIR), or with --vocab_size a byte-level BPE trained here on the
+training text with GPT-2's pre-tokenization, saved as tokenizer.json and loaded back as a
+tiktoken.Encoding. The dataset is written into a temporary folder and renamed into place only when
+complete, so a run killed at any moment leaves the old dataset or the new one, never a mix.
 """
 
-import argparse
 import base64
+import fcntl
 import heapq
+import http.client
 import json
 import os
+import re
+import shutil
+import signal
 import sys
 import time
 import urllib.error
 import urllib.request
 from collections import Counter
+from contextlib import contextmanager
 from multiprocessing import Pool
 
 import numpy as np
@@ -29,63 +52,166 @@ import regex
 import tiktoken
 from tqdm import tqdm
 
-from configurator import UserError
+from configurator import UserError, configure, usage
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 EOT = "<|endoftext|>"
 TINYSTORIES_URL = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/"
-TINYSTORIES_FILES = {"train": "TinyStoriesV2-GPT4-train.txt", "val": "TinyStoriesV2-GPT4-valid.txt"}
+TINYSTORIES = (TINYSTORIES_URL + "TinyStoriesV2-GPT4-train.txt", TINYSTORIES_URL + "TinyStoriesV2-GPT4-valid.txt")
+CORPORA = {  # name: (train file URL, validation file URL or None: hold out val_fraction of the train file)
+    "tinystories": TINYSTORIES,
+    "tinystories_slice": TINYSTORIES,
+    "shakespeare": ("https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt", None),
+}
 GPT2_SPLIT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+DATASET_FILES = ("train.bin", "val.bin", "meta.json", "tokenizer.json")
+MAX_VOCAB = 1 << 20
+PLAIN_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]*"  # a dataset name: one folder, not hidden, no path
+
+# -----------------------------------------------------------------------------
+# config: defaults, overridden by config files and --key=value (see configurator.py)
+corpus = "tinystories"  # what to download: tinystories, tinystories_slice or shakespeare (see above)
+input = ""  # local UTF-8 text files to use instead, comma-separated: --input=a.txt,b.txt
+name = ""  # the dataset folder data_root/<name>; default: the corpus's name, or the first input file's
+vocab_size = 0  # 0: GPT-2's tokenizer (50,257 tokens); else train a byte-level BPE of this size (257 and up)
+val_fraction = 0.1  # share held out for validation where the corpus has no validation file
+slice_mb = 20.0  # tinystories_slice: the first this many MB (10^6 bytes) of the train file
+data_root = os.path.join(ROOT, "data")  # where dataset folders go (and downloads, in data_root/_downloads)
+url = ""  # download from this base URL (a mirror holding the same file names) instead of the corpus's own
+# -----------------------------------------------------------------------------
+KNOBS = [k for k, v in list(globals().items()) if not k.startswith("_") and k.islower()
+         and isinstance(v, (int, float, bool, str))]
+
+
+def defaults():
+    return {k: globals()[k] for k in KNOBS}
+
+
+def check_knobs(cfg):
+    """The valid range of every knob, checked before anything is read, downloaded or written."""
+    if not cfg["input"] and cfg["corpus"] not in CORPORA:
+        raise UserError(f"--corpus must be one of {', '.join(CORPORA)} (or give --input=FILE), got {cfg['corpus']!r}")
+    if cfg["input"] and not [path for path in cfg["input"].split(",") if path.strip()]:
+        raise UserError("--input names no file: give one or more, comma-separated (--input=a.txt,b.txt)")
+    if cfg["vocab_size"] != 0 and not 257 <= cfg["vocab_size"] <= MAX_VOCAB:
+        raise UserError(f"--vocab_size must be 0 (GPT-2's tokenizer) or from 257 (256 bytes + end-of-text) to "
+                        f"{MAX_VOCAB:,}, got {cfg['vocab_size']}")
+    if not 0 < cfg["val_fraction"] < 1:
+        raise UserError(f"--val_fraction must be between 0 and 1 (the share held out), got {cfg['val_fraction']}")
+    if not 0 < cfg["slice_mb"] < float("inf"):
+        raise UserError(f"--slice_mb must be a positive number of MB, got {cfg['slice_mb']}")
+    if cfg["url"] and not cfg["url"].startswith(("http://", "https://")):
+        raise UserError(f"--url must start with http:// or https://, got {cfg['url']!r}")
+    if cfg["name"] and not re.fullmatch(PLAIN_NAME, cfg["name"]):  # so data_root/<name> cannot point elsewhere
+        raise UserError(f"--name must be a plain folder name (letters, digits, '.', '_', '-', starting with a "
+                        f"letter or digit), got {cfg['name']!r}")
+
+
 
 
 # -----------------------------------------------------------------------------
-# Reading text
+# Getting text
 
 
-def download(url, dest):
-    """Fetch url to dest with a progress bar, resuming a partial download (dest + '.part')."""
+def download(url, dest, limit=0):
+    """Fetch url (only its first `limit` bytes if limit > 0) to dest with a progress bar, resuming a
+    partial download (dest + '.part'). The bytes received must add up to the size the server announced."""
     if os.path.exists(dest):
         return
     part = dest + ".part"
     have = os.path.getsize(part) if os.path.exists(part) else 0
-    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    if limit and have >= limit:  # complete, but killed before the rename
+        os.replace(part, dest)
+        return
+    headers = {"Range": f"bytes={have}-{limit - 1 if limit else ''}"} if have or limit else {}
     try:
-        response = urllib.request.urlopen(request, timeout=60)
+        response = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=60)
     except urllib.error.HTTPError as e:
         if e.code == 416 and have:  # range not satisfiable: the partial file is already whole
             os.replace(part, dest)
             return
         raise UserError(download_failed(url, f"HTTP {e.code} {e.reason}")) from None
-    except (urllib.error.URLError, OSError) as e:
+    except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as e:
         raise UserError(download_failed(url, getattr(e, "reason", e))) from None
-    if have and response.status != 206:  # the server ignored the range: start over
+    if response.status == 206:  # the range we asked for; check it starts where the partial file ends
+        start = re.match(r"bytes (\d+)-", response.headers.get("Content-Range", ""))
+        if start and int(start[1]) != have:
+            raise UserError(download_failed(url, f"asked for bytes from {have:,}, the server sent them from "
+                                                 f"{int(start[1]):,}"))
+    else:  # the whole file: start over (and stop at limit)
         have = 0
-    total = have + int(response.headers.get("Content-Length", 0))
+    announced = int(response.headers.get("Content-Length", 0))
+    total = min(have + announced, limit or have + announced) if announced else limit  # 0: unknown
     try:
         with open(part, "ab" if have else "wb") as f, tqdm(
             total=total or None, initial=have, unit="B", unit_scale=True, desc=os.path.basename(dest)
         ) as bar:
-            while chunk := response.read(1 << 20):
+            while chunk := response.read(min(1 << 20, total - f.tell()) if total else 1 << 20):
                 f.write(chunk)
                 bar.update(len(chunk))
-    except OSError as e:
-        raise UserError(download_failed(url, e) + " Run the same command again to resume.") from None
-    if total and os.path.getsize(part) != total:
-        raise UserError(download_failed(url, f"got {os.path.getsize(part)} of {total} bytes")
-                        + " Run the same command again to resume.")
+            f.flush()
+            os.fsync(f.fileno())
+    except (OSError, http.client.HTTPException) as e:
+        raise UserError(download_stopped(url, e)) from None
+    if announced and os.path.getsize(part) != total:
+        raise UserError(download_stopped(url, f"got {os.path.getsize(part):,} of the {total:,} bytes announced"))
     os.replace(part, dest)
 
 
 def download_failed(url, reason):
     return (f"download of {url} failed ({reason}). Without a network, tokenize local text files "
-            f"instead: python prepare.py --input FILE.txt --name NAME")
+            f"instead: python prepare.py --input=FILE.txt --name=NAME")
+
+
+def download_stopped(url, reason):
+    return f"download of {url} stopped ({reason}): run the same command again to resume it"
+
+
+def corpus_documents(corpus_name, base_url, downloads, slice_bytes, val_fraction):
+    """Download a named corpus into downloads/; return (train docs, val docs, source). The docs are
+    lists, or for the full TinyStories callables that stream a fresh pass over the file."""
+    urls = [u for u in CORPORA[corpus_name] if u]
+    if base_url:  # a mirror: the same file names under another base URL
+        urls = [base_url.rstrip("/") + "/" + u.rsplit("/", 1)[1] for u in urls]
+    paths = [os.path.join(downloads, u.rsplit("/", 1)[1]) for u in urls]
+    source = list(urls)
+    if corpus_name == "tinystories_slice":
+        paths[0] += f".first-{slice_bytes}-bytes"
+        download(urls[0], paths[0], limit=slice_bytes)
+        train = slice_documents(paths[0], slice_bytes)
+        source[0] += f" (its first {slice_bytes:,} bytes, cut after the last whole story)"
+    else:
+        download(urls[0], paths[0])
+        train = lambda: stream_documents(paths[0])
+    if len(urls) == 1:
+        return *split_train_val(documents(read_text(paths[0])), val_fraction), source
+    download(urls[1], paths[1])
+    return train, lambda: stream_documents(paths[1]), source
+
+
+def slice_documents(path, slice_bytes):
+    """The whole documents of the first slice_bytes of a file: a story cut short at the end is dropped."""
+    data = open(path, "rb").read()
+    if len(data) >= slice_bytes:  # cut, unless the file ended before the slice did
+        end = data.rfind(EOT.encode())
+        if end < 0:
+            raise UserError(f"the first {slice_bytes:,} bytes of {path} hold no whole document: raise --slice_mb")
+        data = data[:end]
+    try:
+        return documents(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text (bad byte at offset {e.start}): delete it to download it "
+                        f"again") from None
 
 
 def read_text(path):
-    """The whole of a UTF-8 text file; a missing, empty, binary or non-UTF-8 file is a UserError."""
+    """The whole of a UTF-8 text file; a missing, unreadable, empty, binary or non-UTF-8 file is a UserError."""
     if not os.path.isfile(path):
         raise UserError(f"input file not found: {path}")
-    data = open(path, "rb").read()
+    try:
+        data = open(path, "rb").read()
+    except OSError as e:
+        raise UserError(f"input file cannot be read ({e.strerror}): {path}") from None
     if not data.strip():
         raise UserError(f"input file is empty: {path}")
     if b"\x00" in data:
@@ -94,6 +220,17 @@ def read_text(path):
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise UserError(f"input file is not UTF-8 text (bad byte at offset {e.start}): {path}") from None
+
+
+def read_documents(paths):
+    """The documents of some local text files, each file checked before anything else happens."""
+    docs = []
+    for path in paths:
+        file_docs = documents(read_text(path))
+        if not file_docs:
+            raise UserError(f"input file holds no text besides <|endoftext|> separators: {path}")
+        docs += file_docs
+    return docs
 
 
 def documents(text):
@@ -115,7 +252,7 @@ def stream_documents(path, chunk_chars=1 << 24):
 def split_train_val(docs, val_fraction):
     """Hold out the last val_fraction of the documents; a single document is cut at a line break."""
     if len(docs) >= 2:
-        n_val = max(1, round(len(docs) * val_fraction))
+        n_val = min(len(docs) - 1, max(1, round(len(docs) * val_fraction)))
         return docs[:-n_val], docs[-n_val:]
     text = docs[0]
     cut = text.rfind("\n", 0, int(len(text) * (1 - val_fraction)))
@@ -124,8 +261,8 @@ def split_train_val(docs, val_fraction):
 
 
 # -----------------------------------------------------------------------------
-# A byte-level BPE trainer (GPT-2 style): counts pre-tokenized words once, then repeatedly merges
-# the most frequent adjacent pair, updating only the words that contain it.
+# Tokenizers: GPT-2's, or a byte-level BPE trained here (GPT-2 style): it counts pre-tokenized words
+# once, then repeatedly merges the most frequent adjacent pair, updating only the words that contain it.
 
 
 def count_words(docs):
@@ -209,12 +346,23 @@ def load_spec(data_dir):
 def encoding(spec):
     """The tiktoken.Encoding of a tokenizer description."""
     if spec["type"] == "gpt2":
-        return tiktoken.get_encoding("gpt2")
+        return gpt2_encoding()
     return bpe_encoding([(base64.b64decode(a), base64.b64decode(b)) for a, b in spec["merges"]])
 
 
+def gpt2_encoding():
+    """GPT-2's tiktoken encoding. tiktoken downloads its files on first use, so offline they must be in its cache."""
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except (OSError, ValueError):  # requests' connection errors are OSErrors
+        raise UserError("GPT-2's tokenizer files could not be fetched (no network?): point TIKTOKEN_CACHE_DIR at a "
+                        "folder that holds them, or train a BPE on your text instead with --vocab_size=4096") from None
+
+
 # -----------------------------------------------------------------------------
-# Writing tokens
+# Writing a dataset, atomically: into data_root/.<name>.new, then renamed to data_root/<name> (the
+# old one, if any, first renamed to .<name>.old and deleted after). recover() finishes or undoes an
+# interrupted swap, under a lock, so a kill at any moment leaves the old dataset or the new one.
 
 
 def write_tokens(docs, enc, path, dtype, batch_docs=4096):
@@ -234,39 +382,116 @@ def write_tokens(docs, enc, path, dtype, batch_docs=4096):
             if len(batch) == batch_docs:
                 flush()
         flush()
+        f.flush()
+        os.fsync(f.fileno())
     seconds = time.time() - start
-    print(f"{path}: {n:,} tokens, {n / max(seconds, 1e-9) / 1e6:.2f}M tokens/s")
+    print(f"{os.path.basename(path)}: {n:,} tokens, {n / max(seconds, 1e-9) / 1e6:.2f}M tokens/s")
     return n
 
 
+def write_json(obj, path, **kwargs):
+    with open(path, "w") as f:
+        json.dump(obj, f, **kwargs)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def prepare(out_dir, train_docs, val_docs, source, vocab_size=0):
-    """Tokenize train_docs and val_docs (iterables, or callables returning a fresh iterable when
-    the BPE trainer needs a first pass) into out_dir; return meta."""
-    os.makedirs(out_dir, exist_ok=True)
+    """Tokenize train_docs and val_docs (iterables, or callables returning a fresh iterable when the BPE
+    trainer needs a first pass) into the dataset folder out_dir, replacing it atomically; return meta."""
+    out_dir = os.path.abspath(out_dir)
+    new, old = partner(out_dir, "new"), partner(out_dir, "old")
+    with dataset_lock(out_dir):
+        recover(out_dir)
+        if os.path.exists(out_dir):
+            check_replaceable(out_dir)
+            print(f"{out_dir} exists: the new dataset replaces it once complete")
+        os.makedirs(new)
+        try:
+            meta = write_dataset(new, train_docs, val_docs, source, vocab_size)
+            if os.path.exists(out_dir):
+                os.rename(out_dir, old)
+            os.rename(new, out_dir)
+            fsync_dir(os.path.dirname(out_dir))
+        finally:
+            recover(out_dir)  # an interrupted write or swap: back to the old dataset; else delete the old one
+    return meta
+
+
+def write_dataset(folder, train_docs, val_docs, source, vocab_size):
     fresh = lambda docs: docs() if callable(docs) else docs
     meta = {"source": source}
     if vocab_size:
         t = time.time()
-        with Pool() as pool:  # pre-tokenize and count words in parallel, 256 documents a task
+        # pre-tokenize and count words in parallel, 256 documents a task; Ctrl-C is the main process's to handle
+        with Pool(initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN)) as pool:
             counts = Counter()
             for c in pool.imap_unordered(count_words, chunks(fresh(train_docs), 256)):
                 counts.update(c)
         merges = train_bpe(counts, vocab_size)
-        with open(os.path.join(out_dir, "tokenizer.json"), "w") as f:
-            json.dump(tokenizer_spec(merges), f)
+        write_json(tokenizer_spec(merges), os.path.join(folder, "tokenizer.json"))
         enc = bpe_encoding(merges)
-        print(f"trained a {enc.n_vocab}-token BPE on {len(counts):,} distinct words in {time.time() - t:.1f}s")
+        print(f"trained a {enc.n_vocab}-token BPE on {len(counts):,} distinct words in {time.time() - t:.1f}s"
+              + (f" (no pair left to merge after {len(merges)} merges)" if enc.n_vocab < vocab_size else ""))
         meta.update(tokenizer="bpe", tokenizer_file="tokenizer.json")
     else:
-        enc = tiktoken.get_encoding("gpt2")
+        enc = gpt2_encoding()
         meta.update(tokenizer="gpt2")
     dtype = np.uint16 if enc.n_vocab <= 1 << 16 else np.uint32
     meta.update(vocab_size=enc.n_vocab, eot_token=enc.eot_token, dtype=np.dtype(dtype).name)
-    meta["train_tokens"] = write_tokens(fresh(train_docs), enc, os.path.join(out_dir, "train.bin"), dtype)
-    meta["val_tokens"] = write_tokens(fresh(val_docs), enc, os.path.join(out_dir, "val.bin"), dtype)
-    with open(os.path.join(out_dir, "meta.json"), "w") as f:
-        json.dump(meta, f, indent=2)
+    meta["train_tokens"] = write_tokens(fresh(train_docs), enc, os.path.join(folder, "train.bin"), dtype)
+    meta["val_tokens"] = write_tokens(fresh(val_docs), enc, os.path.join(folder, "val.bin"), dtype)
+    write_json(meta, os.path.join(folder, "meta.json"), indent=2)
+    fsync_dir(folder)
     return meta
+
+
+def partner(out_dir, role):
+    """data_root/.<name>.new (being written), .<name>.old (being replaced) or .<name>.lock."""
+    return os.path.join(os.path.dirname(out_dir), f".{os.path.basename(out_dir)}.{role}")
+
+
+def recover(out_dir):
+    """Undo or finish an interrupted write: drop a partial new dataset; put an old one being replaced back if the
+    new one never reached its place, else delete it."""
+    new, old = partner(out_dir, "new"), partner(out_dir, "old")
+    if os.path.exists(old):
+        if os.path.exists(out_dir):
+            shutil.rmtree(old)
+        else:
+            os.rename(old, out_dir)
+    if os.path.exists(new):
+        shutil.rmtree(new)
+
+
+def check_replaceable(out_dir):
+    """Only a folder of dataset files is replaced whole: anything else in it would be lost."""
+    if not os.path.isdir(out_dir):
+        raise UserError(f"{out_dir} exists and is not a dataset folder: move it away or pick another --name")
+    others = sorted(set(os.listdir(out_dir)) - set(DATASET_FILES))
+    if others:
+        raise UserError(f"{out_dir} holds files prepare.py did not write ({', '.join(others)}), which replacing it "
+                        f"would delete: move them away or pick another --name")
+
+
+@contextmanager
+def dataset_lock(out_dir):
+    """One prepare.py at a time per dataset. A POSIX lock: the BPE's worker processes do not inherit it, and
+    it goes with the process however that ends."""
+    with open(partner(out_dir, "lock"), "w") as f:
+        try:
+            fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise UserError(f"another prepare.py is writing {out_dir}: wait for it to finish") from None
+        yield
+
+
+def fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def chunks(items, size):
@@ -280,40 +505,54 @@ def chunks(items, size):
         yield batch
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", nargs="+", help="local UTF-8 text files instead of downloading TinyStories")
-    p.add_argument("--name", help="dataset name: data/<name>/ (default: tinystories, or the first input's name)")
-    p.add_argument("--vocab_size", type=int, default=0, help="train a BPE of this size (default: GPT-2's)")
-    p.add_argument("--val_fraction", type=float, default=0.1, help="share of local text held out (default 0.1)")
-    p.add_argument("--data_root", default=os.path.join(ROOT, "data"), help="where dataset folders go")
-    p.add_argument("--url", default=TINYSTORIES_URL, help="where to download TinyStories from")
-    args = p.parse_args(argv)
+# -----------------------------------------------------------------------------
+# The script
+
+
+def run(cfg):
+    """Check the inputs, get the text and write the dataset, in that order; return (dataset folder, meta)."""
+    inputs = [path.strip() for path in cfg["input"].split(",") if path.strip()]
+    dataset_name = cfg["name"] or (os.path.splitext(os.path.basename(inputs[0]))[0] if inputs else cfg["corpus"])
+    if not re.fullmatch(PLAIN_NAME, dataset_name):  # the name of an input file
+        raise UserError(f"the name {dataset_name!r} of {inputs[0]} is not a plain folder name: give the dataset "
+                        f"one with --name=NAME")
+    if inputs:
+        train_docs, val_docs = split_train_val(read_documents(inputs), cfg["val_fraction"])
+    if not cfg["vocab_size"]:
+        gpt2_encoding()  # offline, fail now: before downloading or creating anything
+    if os.path.isfile(cfg["data_root"]):
+        raise UserError(f"--data_root={cfg['data_root']} is a file, not a folder")
     try:
-        if args.input:
-            name = args.name or os.path.splitext(os.path.basename(args.input[0]))[0]
-            docs = [d for path in args.input for d in documents(read_text(path))]
-            if not docs:
-                raise UserError("the input files hold no text besides <|endoftext|> separators")
-            train, val = split_train_val(docs, args.val_fraction)
-            meta = prepare(os.path.join(args.data_root, name), train, val, args.input, args.vocab_size)
-        else:
-            name = args.name or "tinystories"
-            raw = os.path.join(args.data_root, name, "raw")
-            os.makedirs(raw, exist_ok=True)
-            paths = {}
-            for split, file in TINYSTORIES_FILES.items():
-                paths[split] = os.path.join(raw, file)
-                download(args.url + file, paths[split])
-            meta = prepare(os.path.join(args.data_root, name), lambda: stream_documents(paths["train"]),
-                           lambda: stream_documents(paths["val"]),
-                           [args.url + f for f in TINYSTORIES_FILES.values()], args.vocab_size)
+        os.makedirs(cfg["data_root"], exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--data_root={cfg['data_root']} cannot be created ({e.strerror})") from None
+    if not inputs:
+        downloads = os.path.join(cfg["data_root"], "_downloads")
+        os.makedirs(downloads, exist_ok=True)
+        train_docs, val_docs, inputs = corpus_documents(cfg["corpus"], cfg["url"], downloads,
+                                                        round(cfg["slice_mb"] * 1e6), cfg["val_fraction"])
+    out_dir = os.path.join(cfg["data_root"], dataset_name)
+    return out_dir, prepare(out_dir, train_docs, val_docs, inputs, cfg["vocab_size"])
+
+
+def main(argv):
+    if "-h" in argv or "--help" in argv:
+        print(usage(__doc__, defaults(), [__file__]))
+        return
+    try:
+        cfg = configure(argv, defaults())
+        check_knobs(cfg)
+        out_dir, meta = run(cfg)
     except UserError as e:
         sys.exit(f"error: {e}")
-    print(f"data/{name}: {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens, "
+    except KeyboardInterrupt:
+        # prepare() left the old dataset or the complete new one; a partial download stays, to resume
+        print("interrupted: no partial dataset was left; run the same command again to finish (downloads resume)",
+              file=sys.stderr)
+        sys.exit(130)
+    print(f"{out_dir}: {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens, "
           f"vocab {meta['vocab_size']} ({meta['tokenizer']})")
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])
