@@ -1,6 +1,8 @@
 # A small MoE that trains on a laptop CPU in a few minutes and visibly learns, on Shakespeare with a
-# 2048-token BPE. First:
-#   python prepare.py --input ../shared/data/shakespeare.txt --name shakespeare --vocab_size 2048
+# 2048-token BPE. First, tiny Shakespeare (1 MB) downloaded, or any local text (the README's numbers
+# are on the 5 MB of Shakespeare's plays, prepared this way):
+#   python prepare.py --corpus=shakespeare --vocab_size=2048
+#   python prepare.py --input=shakespeare.txt --name=shakespeare --vocab_size=2048
 include("moe_e4k2.py")
 dataset = "shakespeare"
 out_dir = "out/cpu_moe"
