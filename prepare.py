@@ -73,7 +73,7 @@ PLAIN_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]*"  # a dataset name: one folder, not hi
 corpus = "tinystories"  # what to download: tinystories, tinystories_slice or shakespeare (see above)
 input = ""  # local UTF-8 text files to use instead, comma-separated: --input=a.txt,b.txt
 name = ""  # the dataset folder data_root/<name>; default: the corpus's name, or the first input file's
-vocab_size = 0  # 0: GPT-2's tokenizer (50,257 tokens); else train a byte-level BPE of this size (257 and up)
+vocab_size = 0  # 0: GPT-2's tokenizer (50,257 tokens); else train a byte-level BPE of this size (257 to 2^20)
 val_fraction = 0.1  # share held out for validation where the corpus has no validation file
 slice_mb = 20.0  # tinystories_slice: the first this many MB (10^6 bytes) of the train file
 data_root = os.path.join(ROOT, "data")  # where dataset folders go (and downloads, in data_root/_downloads)
@@ -107,8 +107,6 @@ def check_knobs(cfg):
                         f"letter or digit), got {cfg['name']!r}")
 
 
-
-
 # -----------------------------------------------------------------------------
 # Getting text
 
@@ -136,8 +134,8 @@ def download(url, dest, limit=0):
     if response.status == 206:  # the range we asked for; check it starts where the partial file ends
         start = re.match(r"bytes (\d+)-", response.headers.get("Content-Range", ""))
         if start and int(start[1]) != have:
-            raise UserError(download_failed(url, f"asked for bytes from {have:,}, the server sent them from "
-                                                 f"{int(start[1]):,}"))
+            raise UserError(f"download of {url} failed: asked for bytes from {have:,}, the server sent them from "
+                            f"{int(start[1]):,}; delete {part} to download the file whole")
     else:  # the whole file: start over (and stop at limit)
         have = 0
     announced = int(response.headers.get("Content-Length", 0))
@@ -242,9 +240,12 @@ def stream_documents(path, chunk_chars=1 << 24):
     """The documents of a large text file, read a chunk at a time."""
     rest = ""
     with open(path, encoding="utf-8") as f:
-        while chunk := f.read(chunk_chars):
-            *whole, rest = (rest + chunk).split(EOT)
-            yield from (d.strip() for d in whole if d.strip())
+        try:
+            while chunk := f.read(chunk_chars):
+                *whole, rest = (rest + chunk).split(EOT)
+                yield from (d.strip() for d in whole if d.strip())
+        except UnicodeDecodeError as e:
+            raise UserError(f"{path} is not UTF-8 text ({e.reason}): delete it to download it again") from None
     if rest.strip():
         yield rest.strip()
 
@@ -419,6 +420,7 @@ def prepare(out_dir, train_docs, val_docs, source, vocab_size=0):
 
 
 def write_dataset(folder, train_docs, val_docs, source, vocab_size):
+    """Train the tokenizer if asked, then write train.bin, val.bin, tokenizer.json and meta.json (last) into folder."""
     fresh = lambda docs: docs() if callable(docs) else docs
     meta = {"source": source}
     if vocab_size:

@@ -228,6 +228,13 @@ def test_bad_input_files(tmp_path, content, message):
     assert not (tmp_path / "data").exists()
 
 
+def test_downloaded_text_that_is_not_utf8(tmp_path):
+    path = tmp_path / "TinyStoriesV2-GPT4-train.txt"
+    path.write_bytes("a story<|endoftext|>caf\u00e9".encode("latin-1"))
+    with pytest.raises(UserError, match="is not UTF-8 text .*: delete it to download it again"):
+        list(prepare.stream_documents(str(path)))
+
+
 def test_input_folder_and_unnamed_input(tmp_path):
     with pytest.raises(UserError, match="input file not found"):
         prepare.run(knobs(input=str(tmp_path), vocab_size=300, data_root=str(tmp_path / "data")))
