@@ -31,7 +31,6 @@ complete, so a run killed at any moment leaves the old dataset or the new one, n
 """
 
 import base64
-import fcntl
 import heapq
 import http.client
 import json
@@ -480,6 +479,8 @@ def check_replaceable(out_dir):
 def dataset_lock(out_dir):
     """One prepare.py at a time per dataset. A POSIX lock: the BPE's worker processes do not inherit it, and
     it goes with the process however that ends."""
+    import fcntl  # Unix only: imported here so that train.py and sample.py, which import this module, load anywhere
+
     with open(partner(out_dir, "lock"), "w") as f:
         try:
             fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
