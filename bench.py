@@ -4,7 +4,7 @@ same active parameters, in one run, so that machine noise hits all models alike.
 
     python bench.py --quick                   # small shapes, under 2 minutes on a 2-core CPU
     python bench.py                           # the shapes of config/moe_e4k2.py
-    python bench.py --compile --dtype=bfloat16 --json=bench.json
+    python bench.py --compile=true --dtype=bfloat16 --json_path=bench.json
 
 Models: dense-active (matched to E4k2's active parameters), E4k2, and the fine-grained E16k4 and
 E64k8 whose experts are 1/2 and 1/4 as wide, so K * expert_hidden and hence the active parameters
@@ -14,7 +14,7 @@ dense-active model. Peak memory is the allocator's peak on CUDA; on CPU (Linux) 
 memory of a fresh process running two such steps, less its resident memory before the model.
 """
 
-import json as jsonlib
+import json
 import multiprocessing
 import os
 import statistics
@@ -28,16 +28,17 @@ import torch
 
 from configurator import UserError, configure
 from model import GPT, GPTConfig, count_params, match_dense
-from train import get_batch, keep_freed_memory
+from runtime import compile_model, keep_freed_memory, use_compile
+from train import get_batch  # what the data cost measures
 
 # -----------------------------------------------------------------------------
 quick = False  # small shapes (4 layers, 2048 tokens a step) for a quick CPU check
 device = "auto"  # "auto" (cuda, then cpu), "cpu", "cuda"...
 dtype = "float32"  # "float32" or "bfloat16" (autocast, as in training)
-compile = False  # also time each model under torch.compile (fullgraph)
+compile = "auto"  # torch.compile the models (fullgraph), as train.py does: "auto" (on for CUDA), "true" or "false"
 repeats = 7  # timed steps per model, interleaved
 warmup = 2  # untimed steps per model first (compilation happens here)
-json = ""  # also write the table to this JSON file, for tools: --json=bench.json
+json_path = ""  # also write the results to this JSON file, for tools: --json_path=bench.json
 # -----------------------------------------------------------------------------
 KEYS = [k for k, v in list(globals().items()) if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "4090": 165e12}
@@ -52,18 +53,14 @@ def shapes(quick):
                      expert_hidden=512), 16
 
 
-def bench_rows(moe, compile_too):
-    """(name, GPTConfig, compile) for every model and path to time."""
-    h = moe.expert_hidden
+def bench_models(moe):
+    """(name, GPTConfig) of every model and dispatch path to time."""
+    hidden = moe.expert_hidden
     models = [("dense-active", match_dense(moe, "active")), ("moe-e4k2", moe),
-              ("moe-e16k4", replace(moe, n_experts=16, top_k=4, expert_hidden=h // 2)),
-              ("moe-e64k8", replace(moe, n_experts=64, top_k=8, expert_hidden=h // 4))]
-    rows = []
-    for compiled in (False, True) if compile_too else (False,):
-        for name, cfg in models:
-            for impl in ("grouped", "loop") if cfg.n_experts else ("auto",):
-                rows.append((name, replace(cfg, moe_impl=impl), compiled))
-    return rows
+              ("moe-e16k4", replace(moe, n_experts=16, top_k=4, expert_hidden=hidden // 2)),
+              ("moe-e64k8", replace(moe, n_experts=64, top_k=8, expert_hidden=hidden // 4))]
+    return [(name, replace(cfg, moe_impl=impl)) for name, cfg in models
+            for impl in (("grouped", "loop") if cfg.n_experts else ("auto",))]
 
 
 class Runner:
@@ -72,8 +69,8 @@ class Runner:
     def __init__(self, cfg, compiled, batch_size, device, dtype):
         torch.manual_seed(0)
         self.model = GPT(cfg).to(device)
-        self.fn = torch.compile(self.model, fullgraph=True) if compiled else self.model
-        self.opt = self.model.configure_optimizer(0.1, 1e-4, (0.9, 0.95), device.type)
+        self.forward = compile_model(self.model, fullgraph=True) if compiled else self.model
+        self.optimizer = self.model.configure_optimizer(0.1, 1e-4, (0.9, 0.95), device.type)
         self.x, self.y = torch.randint(0, cfg.vocab_size, (2, batch_size, cfg.block_size), device=device)
         self.device = device
         self.autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
@@ -83,11 +80,11 @@ class Runner:
             torch.cuda.synchronize()
         t = time.perf_counter()
         with self.autocast:
-            _, loss = self.fn(self.x, self.y)
+            _, loss, stats = self.forward(self.x, self.y)
         loss.backward()
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        self.model.update_expert_bias()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.model.update_expert_bias(stats["routing"])  # as train.py's step (aux_free balancing only)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - t
@@ -112,8 +109,8 @@ def cpu_peak_memory(args):
     return proc_status_bytes("VmHWM") - before
 
 
-def peak_memory(row, batch_size, device, dtype):
-    name, cfg, compiled = row
+def peak_memory(cfg, compiled, batch_size, device, dtype):
+    """Peak memory of two training steps of the model cfg, in bytes."""
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -140,62 +137,71 @@ def data_cost(batch_size, block_size, device):
     np.random.default_rng(0).integers(0, 4096, 10_000_000, dtype=np.uint16).tofile(path)
     try:
         data = np.memmap(path, dtype=np.uint16, mode="r")
-        gen = torch.Generator().manual_seed(0)
+        generator = torch.Generator().manual_seed(0)
         times = []
         for _ in range(20):
             t = time.perf_counter()
-            get_batch(data, batch_size, block_size, gen, device)
+            get_batch(data, batch_size, block_size, generator, device)
             times.append(time.perf_counter() - t)
         return statistics.median(times)
     finally:
         os.remove(path)
 
 
+def time_steps(runners, warmup, repeats):
+    """Per runner, the seconds of `repeats` training steps after `warmup` untimed ones. Interleaved: each
+    round times every model once, so that the machine's slow and fast moments hit all models alike."""
+    for runner in runners:
+        for _ in range(warmup):
+            runner.step()
+    times = [[] for _ in runners]
+    for _ in range(repeats):
+        for runner, runner_times in zip(runners, times):
+            runner_times.append(runner.step())
+    return times
+
+
 def run(cfg):
-    name = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else cfg.device
-    dev = torch.device("cpu" if name == "auto" else name)
+    """Time every model of bench_models; print the table and return its rows."""
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if cfg.device == "auto" else cfg.device)
     if cfg.dtype not in ("float32", "bfloat16"):
         raise UserError(f"dtype must be 'float32' or 'bfloat16', got {cfg.dtype!r}")
-    dt = getattr(torch, cfg.dtype)
-    if dev.type == "cpu":
+    dtype = getattr(torch, cfg.dtype)
+    compiled = use_compile(cfg.compile, device)
+    if device.type == "cpu":
         keep_freed_memory()  # as train.py does on CPU
     moe, batch_size = shapes(cfg.quick)
-    rows = bench_rows(moe, cfg.compile)
-    machine = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    models = bench_models(moe)
+    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"CPU, {torch.get_num_threads()} threads"
     print(f"{machine}, torch {torch.__version__}, {cfg.dtype}, batch {batch_size} x {moe.block_size} tokens, "
           f"{moe.n_layer} layers of width {moe.n_embd}, vocab {moe.vocab_size}")
-    runners = [Runner(c, compiled, batch_size, dev, dt) for _, c, compiled in rows]
-    for r in runners:
-        for _ in range(cfg.warmup):
-            r.step()
-    times = [[] for _ in rows]
-    for _ in range(cfg.repeats):  # interleaved: each round times every model once
-        for i, r in enumerate(runners):
-            times[i].append(r.step())
-    del runners
+    times = time_steps([Runner(model_cfg, compiled, batch_size, device, dtype) for _, model_cfg in models],
+                       cfg.warmup, cfg.repeats)
+    peak_flops = next((v for k, v in PEAK_BF16_FLOPS.items() if k in machine), None)
     results = []
-    for (name, c, compiled), t in zip(rows, times):
-        median = statistics.median(t)
-        tokens_per_s = batch_size * c.block_size / median
+    for (name, model_cfg), model_times in zip(models, times):
+        seconds = statistics.median(model_times)
+        tokens_per_s = batch_size * model_cfg.block_size / seconds
         results.append({
-            "model": name, "moe_impl": c.moe_impl if c.n_experts else "-", "compile": compiled, "dtype": cfg.dtype,
-            "ms_per_step": median * 1000, "tokens_per_s": tokens_per_s, "active_params": count_params(c)["active"],
-            "peak_memory_mb": peak_memory((name, c, compiled), batch_size, dev, dt) / 2**20,
+            "model": name, "moe_impl": model_cfg.moe_impl if model_cfg.n_experts else "-", "compile": compiled,
+            "dtype": cfg.dtype, "ms_per_step": seconds * 1000, "tokens_per_s": tokens_per_s,
+            "active_params": count_params(model_cfg)["active"],
+            "peak_memory_mb": peak_memory(model_cfg, compiled, batch_size, device, dtype) / 2**20,
         })
-        peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in machine), None)
-        if dev.type == "cuda" and dt == torch.bfloat16 and peak:
-            results[-1]["mfu"] = flops_per_token(c) * tokens_per_s / peak
-    for r in results:
-        base = next(b for b in results if b["model"] == "dense-active" and b["compile"] == r["compile"])
-        r["ratio_to_dense"] = r["ms_per_step"] / base["ms_per_step"]
-        r["memory_ratio_to_dense"] = r["peak_memory_mb"] / base["peak_memory_mb"]
+        if device.type == "cuda" and dtype == torch.bfloat16 and peak_flops:
+            results[-1]["mfu"] = flops_per_token(model_cfg) * tokens_per_s / peak_flops
+    for row in results:
+        row["ratio_to_dense"] = row["ms_per_step"] / results[0]["ms_per_step"]  # results[0]: dense-active
+        row["memory_ratio_to_dense"] = row["peak_memory_mb"] / results[0]["peak_memory_mb"]
     print(table(results))
-    data_s = data_cost(batch_size, moe.block_size, dev)
-    dense_s = results[0]["ms_per_step"] / 1000
-    print(f"data: get_batch takes {data_s * 1000:.2f} ms = {data_s / dense_s:.2%} of a dense-active step")
-    if cfg.json:
-        with open(cfg.json, "w") as f:
-            jsonlib.dump({"machine": machine, "torch": torch.__version__, "batch_size": batch_size,
+    data_s = data_cost(batch_size, moe.block_size, device)
+    print(f"data: get_batch takes {data_s * 1000:.2f} ms = {data_s / (results[0]['ms_per_step'] / 1000):.2%} "
+          f"of a dense-active step")
+    if cfg.json_path:
+        with open(cfg.json_path, "w") as f:
+            json.dump({"machine": machine, "torch": torch.__version__, "batch_size": batch_size,
                        "model": asdict(moe), "data_ms": data_s * 1000, "rows": results}, f, indent=2)
     return results
 

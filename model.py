@@ -22,9 +22,6 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-# The loop path indexes each expert's tokens with torch.where, whose size depends on the routing:
-# let torch.compile trace such ops instead of breaking the graph there.
-torch._dynamo.config.capture_dynamic_output_shape_ops = True
 
 @dataclass
 class GPTConfig:
@@ -229,56 +226,37 @@ class MoE(nn.Module):
             self.shared = MLP(config.n_embd, config.n_shared_experts * config.shared_expert_hidden)
         # aux_free balancing: a bias on the selection scores, learned by the sign rule, not by gradients
         self.register_buffer("expert_bias", torch.zeros(E))
-        # routing statistics, accumulated by every forward and read by pop_stats(); not saved
-        self.register_buffer("load", torch.zeros(E), persistent=False)  # slots sent to each expert
-        self.register_buffer("dropped", torch.zeros(()), persistent=False)  # slots over capacity
-        self.register_buffer("entropy", torch.zeros(()), persistent=False)  # sum over tokens of router entropy
-        self.register_buffer("tokens", torch.zeros(()), persistent=False)
 
     def forward(self, x):
-        """x (B, T, C) -> (output (B, T, C), Switch aux loss, z-loss)."""
+        """x (B, T, C) -> (output (B, T, C), Switch aux loss, z-loss, routing counts of this batch)."""
         B, T, C = x.shape
         x = x.reshape(B * T, C)  # (N, C)
-        weights, experts, aux_loss, z_loss = self.route(x)  # (N, K), (N, K)
-        if self.use_grouped(x):
-            y = self.dispatch_grouped(x, weights, experts)
-        else:
-            y = self.dispatch_loop(x, weights, experts)
+        logits, scores, weights, experts = self.route(x)  # (N, E), (N, E), (N, K), (N, K)
+        keep = self.within_capacity(experts, weights) if self.config.capacity_factor > 0 else None  # (N, K)
+        if keep is not None:
+            weights = weights * keep  # a dropped slot adds nothing: its token keeps only the residual
+        load = torch.bincount(experts.flatten(), minlength=self.config.n_experts).float()  # (E,) slots per expert
+        aux_loss, z_loss = self.router_losses(logits, scores, load)
+        counts = self.routing_counts(scores, load, keep)
+        dispatch = self.dispatch_grouped if self.use_grouped(x) else self.dispatch_loop
+        y = dispatch(x, weights.to(x.dtype), experts)  # (N, C) each token's K expert outputs, weighted and summed
         if self.shared is not None:
             y = y + self.shared(x)
-        return y.view(B, T, C), aux_loss, z_loss
+        return y.view(B, T, C), aux_loss, z_loss, counts
 
     def route(self, x):
-        """Choose K experts per token and their mixing weights; dropped slots get weight 0."""
-        cfg, E, K = self.config, self.config.n_experts, self.config.top_k
+        """Score the E experts for each token of x (N, C) and choose K: (logits, scores, weights, experts)."""
         # fp32 router even under bf16 autocast: softmax and logsumexp^2 are precision-sensitive
         with torch.autocast(device_type=x.device.type, enabled=False):
             logits = F.linear(x.float(), self.router.weight.float())  # (N, E)
-        scores = logits.softmax(-1) if cfg.router_score == "softmax" else logits.sigmoid()  # (N, E)
-        # aux_free bias steers which experts are chosen, never how much they weigh
-        select = scores + self.expert_bias if cfg.balance == "aux_free" else scores
-        experts = select.topk(K, dim=-1).indices  # (N, K)
+        scores = logits.softmax(-1) if self.config.router_score == "softmax" else logits.sigmoid()  # (N, E)
+        # aux_free: the bias steers which experts are chosen, never how much they weigh (Wang et al. 2024)
+        select = scores + self.expert_bias if self.config.balance == "aux_free" else scores  # (N, E)
+        experts = select.topk(self.config.top_k, dim=-1).indices  # (N, K)
         weights = scores.gather(-1, experts)  # (N, K)
-        if cfg.norm_topk_prob:
-            # softmax, top-k, renormalise == top-k of the logits, then softmax (Mixtral): one knob covers both
+        if self.config.norm_topk_prob:  # softmax, top-k, renormalise == top-k of the logits, softmax (Mixtral)
             weights = weights / weights.sum(-1, keepdim=True)
-        keep = self.within_capacity(experts, weights) if cfg.capacity_factor > 0 else None  # (N, K)
-        if keep is not None:
-            weights = weights * keep
-
-        probs = scores / scores.sum(-1, keepdim=True)  # (N, E) a distribution also for sigmoid scores
-        counts = torch.bincount(experts.flatten(), minlength=E).float()  # (E,) slots per expert
-        f = counts / counts.sum()  # fraction of slots sent to each expert
-        P = probs.mean(0)  # mean router probability of each expert
-        aux_loss = E * (f * P).sum() if cfg.balance == "switch" else logits.new_zeros(())  # Switch eq. (4)
-        z_loss = torch.logsumexp(logits, dim=-1).square().mean()  # ST-MoE eq. (5)
-        with torch.no_grad():
-            self.load += counts
-            if keep is not None:
-                self.dropped += (~keep).sum()
-            self.entropy += -(probs * probs.clamp_min(1e-9).log()).sum()
-            self.tokens += x.shape[0]
-        return weights.to(x.dtype), experts, aux_loss, z_loss
+        return logits, scores, weights, experts
 
     def within_capacity(self, experts, weights):
         """(N, K) mask of the slots each expert can take: at most ceil(cf * N * K / E) per expert,
@@ -294,6 +272,26 @@ class MoE(nn.Module):
         rank = torch.empty_like(order)
         rank[order] = torch.arange(N * K, device=order.device) - starts[flat_e[order]]  # place in its queue
         return (rank < capacity).view(N, K)
+
+    def router_losses(self, logits, scores, load):
+        """Switch load-balancing loss (0 unless balance="switch") and router z-loss, from the router's
+        logits and scores (N, E) and the slots sent to each expert, load (E,)."""
+        E = self.config.n_experts
+        probs = scores / scores.sum(-1, keepdim=True)  # (N, E) a distribution also for sigmoid scores
+        f = load / load.sum()  # (E,) fraction of slots sent to each expert
+        P = probs.mean(0)  # (E,) mean router probability of each expert
+        aux_loss = E * (f * P).sum() if self.config.balance == "switch" else logits.new_zeros(())  # Switch eq. (4)
+        z_loss = torch.logsumexp(logits, dim=-1).square().mean()  # ST-MoE eq. (5)
+        return aux_loss, z_loss
+
+    @torch.no_grad()
+    def routing_counts(self, scores, load, keep):
+        """What the router did with this batch, as sums that add up over batches (see GPT.routing_summary):
+        slots sent to each expert (E,), slots dropped over capacity, router entropy summed over tokens."""
+        probs = scores / scores.sum(-1, keepdim=True)  # (N, E)
+        dropped = (~keep).sum().float() if keep is not None else load.new_zeros(())
+        entropy = -(probs * probs.clamp_min(1e-9).log()).sum()
+        return {"load": load, "dropped": dropped, "entropy": entropy, "tokens": scores.shape[0]}
 
     def use_grouped(self, x):
         if self.config.moe_impl == "auto":
@@ -319,32 +317,6 @@ class MoE(nn.Module):
             y.index_add_(0, token, (self.experts.one(x[token], e) * weights[token, slot, None]).to(x.dtype))
         return y
 
-    @torch.no_grad()
-    def update_bias(self):
-        """Loss-free balancing: bias += rate * sign(mean_load - load_i), from the slots routed since
-        the last update (summed over processes so every rank keeps the same bias)."""
-        load = self.load.clone()
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(load)
-        self.expert_bias += self.config.bias_update_rate * torch.sign(load.mean() - load)
-
-    @torch.no_grad()
-    def pop_stats(self):
-        """Routing statistics since the last call, then reset them."""
-        load = self.load / self.load.sum().clamp_min(1)
-        stats = {
-            "load": [round(v, 4) for v in load.tolist()],
-            "max_mean": (load.max() / load.mean()).item(),
-            "cv": (load.std(unbiased=False) / load.mean()).item(),
-            "dropped": (self.dropped / self.load.sum().clamp_min(1)).item(),
-            "entropy": (self.entropy / self.tokens.clamp_min(1)).item(),
-        }
-        if self.config.balance == "aux_free":
-            stats["bias_range"] = [self.expert_bias.min().item(), self.expert_bias.max().item()]
-        for buf in (self.load, self.dropped, self.entropy, self.tokens):
-            buf.zero_()
-        return stats
-
 
 # -----------------------------------------------------------------------------
 
@@ -358,13 +330,13 @@ class Block(nn.Module):
         self.mlp = MoE(config) if config.n_experts > 0 else MLP(config.n_embd, config.ffn_hidden)
 
     def forward(self, x, cos, sin):
-        """x (B, T, C) -> (x, aux_loss, z_loss); the router losses are 0 in a dense block."""
+        """x (B, T, C) -> (x, aux_loss, z_loss, routing counts); a dense block has no router: 0, 0, None."""
         x = x + self.attn(self.attn_norm(x), cos, sin)
         if isinstance(self.mlp, MoE):
-            y, aux_loss, z_loss = self.mlp(self.ffn_norm(x))
+            y, aux_loss, z_loss, counts = self.mlp(self.ffn_norm(x))
         else:
-            y, aux_loss, z_loss = self.mlp(self.ffn_norm(x)), 0.0, 0.0
-        return x + y, aux_loss, z_loss
+            y, aux_loss, z_loss, counts = self.mlp(self.ffn_norm(x)), 0.0, 0.0, None
+        return x + y, aux_loss, z_loss, counts
 
 
 class GPT(nn.Module):
@@ -388,30 +360,33 @@ class GPT(nn.Module):
                 residual_out = name.endswith("wo.weight") or ".w2." in name or name.endswith("w2.weight")
                 std = 0.02 / math.sqrt(2 * config.n_layer) if residual_out else 0.02
                 nn.init.normal_(p, mean=0.0, std=std)
-        self.loss_parts = {}
 
     def forward(self, idx, targets=None):
-        """idx (B, T) token ids -> (logits, loss). With targets, loss = cross-entropy + the weighted
-        router losses averaged over MoE layers; the unweighted parts are kept in self.loss_parts."""
+        """idx (B, T) token ids -> (logits, loss, stats). With targets, loss = cross-entropy + the weighted
+        router losses averaged over MoE layers. stats, detached, for logs and the aux_free update: "routing",
+        per MoE layer what its router did (MoE.routing_counts), and with targets the unweighted ce, aux and z."""
         B, T = idx.shape
         assert T <= self.config.block_size, f"sequence of {T} tokens, block_size is {self.config.block_size}"
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]
         x = self.wte(idx)  # (B, T, C)
         aux_loss = z_loss = 0.0
+        routing = []  # per MoE layer
         for block in self.blocks:
-            x, aux, z = block(x, cos, sin)
+            x, aux, z, counts = block(x, cos, sin)
             aux_loss, z_loss = aux_loss + aux, z_loss + z
+            if counts is not None:
+                routing.append(counts)
         x = self.norm(x)
-        if targets is None:
-            return self.lm_head(x[:, [-1], :]), None  # (B, 1, V): generation needs the last position only
+        if targets is None:  # generation needs the last position only: logits (B, 1, V)
+            return self.lm_head(x[:, [-1], :]), None, {"routing": routing}
         logits = self.lm_head(x)  # (B, T, V)
         ce = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
         n_moe = max(len(self.moe_layers), 1)
         aux_loss, z_loss = aux_loss / n_moe, z_loss / n_moe
         loss = ce + self.config.aux_loss_coef * aux_loss + self.config.z_loss_coef * z_loss
-        self.loss_parts = {"ce": ce.detach(), "aux": torch.as_tensor(aux_loss).detach(),
-                           "z": torch.as_tensor(z_loss).detach()}
-        return logits, loss
+        stats = {"ce": ce.detach(), "aux": torch.as_tensor(aux_loss).detach(), "z": torch.as_tensor(z_loss).detach(),
+                 "routing": routing}
+        return logits, loss, stats
 
     def configure_optimizer(self, weight_decay, learning_rate, betas, device_type):
         """AdamW with weight decay on matrices (embeddings, linears, expert stacks), not on norms."""
@@ -423,23 +398,45 @@ class GPT(nn.Module):
         fused = device_type == "cuda"  # fused AdamW: one kernel for all parameters
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
 
-    def update_expert_bias(self):
-        """After each optimizer step: the aux_free bias update of every MoE layer."""
-        if self.config.balance == "aux_free":
-            for moe in self.moe_layers:
-                moe.update_bias()
-        for moe in self.moe_layers:
-            moe.load.zero_()
+    @torch.no_grad()
+    def update_expert_bias(self, routing):
+        """Loss-free balancing (Wang et al. 2024), after each optimizer step: in every MoE layer,
+        bias_i += rate * sign(mean load - load_i), from `routing` (stats["routing"] summed over the
+        step's micro-steps), summed over processes too so that every process keeps the same bias."""
+        if self.config.balance != "aux_free" or not self.moe_layers:
+            return
+        load = torch.stack([counts["load"] for counts in routing])  # (n_moe_layers, E)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(load)
+        for moe, layer_load in zip(self.moe_layers, load):
+            moe.expert_bias += self.config.bias_update_rate * torch.sign(layer_load.mean() - layer_load)
 
-    def pop_routing_stats(self):
-        """Per MoE layer, routing statistics since the last call (see MoE.pop_stats)."""
-        return [moe.pop_stats() for moe in self.moe_layers]
+    @torch.no_grad()
+    def routing_summary(self, routing):
+        """Per MoE layer, the statistics logs show of `routing` (stats["routing"], summed over batches): each
+        expert's share of the slots, max/mean load, coefficient of variation, share of slots dropped,
+        router entropy per token, and with aux_free balancing the range of the bias."""
+        summary = []
+        for moe, counts in zip(self.moe_layers, routing):
+            slots = counts["load"].sum().clamp_min(1)
+            load = counts["load"] / slots  # (E,)
+            layer = {
+                "load": [round(v, 4) for v in load.tolist()],
+                "max_mean": (load.max() / load.mean()).item(),
+                "cv": (load.std(unbiased=False) / load.mean()).item(),
+                "dropped": (counts["dropped"] / slots).item(),
+                "entropy": (counts["entropy"] / max(counts["tokens"], 1)).item(),
+            }
+            if self.config.balance == "aux_free":
+                layer["bias_range"] = [moe.expert_bias.min().item(), moe.expert_bias.max().item()]
+            summary.append(layer)
+        return summary
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
         """Append max_new_tokens sampled tokens to idx (B, T)."""
         for _ in range(max_new_tokens):
-            logits, _ = self(idx[:, -self.config.block_size:])
+            logits, _, _ = self(idx[:, -self.config.block_size:])
             logits = logits[:, -1, :] / max(temperature, 1e-6)
             if top_k is not None:
                 v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
@@ -487,8 +484,9 @@ def match_dense(moe_cfg, target="active", tolerance=0.005):
     2. If that needs an FFN narrower than MIN_FFN_RATIO or wider than MAX_FFN_RATIO times n_embd,
        widen or narrow n_embd too, with the FFN held at that ratio (solve the quadratic, round
        n_embd to a multiple of 2 * n_head), then solve the FFN hidden size exactly for that width.
-    All stored parameters are matched, embeddings included; the mismatch is below one FFN
-    unit (3 * n_embd * n_layer parameters) and checked against `tolerance` (relative)."""
+    All stored parameters are matched, embeddings included; rounding the FFN hidden size to the nearest
+    unit leaves a mismatch below half an FFN unit (3 * n_embd * n_layer / 2 parameters), and it is
+    checked against `tolerance` (relative)."""
     if target not in ("active", "total"):
         raise ValueError(f"target must be 'active' or 'total', got {target!r}")
     goal = count_params(moe_cfg)[target]

@@ -14,7 +14,7 @@ import torch
 from configurator import UserError, configure
 from model import GPT, GPTConfig
 from prepare import encoding
-from train import load_checkpoint, load_weights
+from runtime import load_checkpoint, load_weights, pick_device
 
 # -----------------------------------------------------------------------------
 out_dir = "out"  # the run whose out_dir/ckpt.pt to load
@@ -24,7 +24,7 @@ max_new_tokens = 200  # tokens per sample
 temperature = 0.8  # < 1 sharper, > 1 more random
 top_k = 200  # sample among the k most likely tokens only; 0: all
 seed = 1337
-device = "cpu"  # "cpu", "cuda", "mps"...
+device = "auto"  # "auto" (cuda, then mps, then cpu) or a torch device like "cpu", "cuda:1"
 show_routing = False  # instead of sampling, print the experts each prompt token goes to in `layer`
 layer = 0  # which MoE layer --show_routing shows
 # -----------------------------------------------------------------------------
@@ -40,28 +40,31 @@ def load_model(out_dir, device):
 
 
 def routing(model, idx, layer):
-    """For MoE layer `layer`: the experts (T, K) each token of idx (1, T) goes to, and their weights."""
+    """For MoE layer `layer`: the experts (T, K) each token of idx (1, T) goes to, and their weights
+    (0 for a slot dropped over capacity)."""
     if not model.moe_layers:
         raise UserError("this checkpoint is a dense model: it has no routing to show")
     if not 0 <= layer < len(model.moe_layers):
         raise UserError(f"layer must be between 0 and {len(model.moe_layers) - 1}, got {layer}")
     moe = model.moe_layers[layer]
-    seen = {}
-    hook = moe.register_forward_pre_hook(lambda module, args: seen.setdefault("x", args[0]))
+    inputs = []  # the MoE block's input, (1, T, C), caught on its way in
+    hook = moe.register_forward_pre_hook(lambda module, args: inputs.append(args[0]))
     with torch.no_grad():
         model(idx)
         hook.remove()
-        x = seen["x"]  # (1, T, C): the input of the MoE block
-        weights, experts, _, _ = moe.route(x.reshape(-1, x.size(-1)))  # (T, K), (T, K)
+        x = inputs[0].reshape(-1, inputs[0].size(-1))  # (T, C)
+        _, _, weights, experts = moe.route(x)  # (T, K), (T, K)
+        if moe.config.capacity_factor > 0:
+            weights = weights * moe.within_capacity(experts, weights)
     return experts, weights
 
 
 def print_routing(tokens, experts, weights, layer, n_experts):
     print(f"MoE layer {layer}: each token's experts (weight)")
-    by_expert = defaultdict(Counter)
-    for text, es, ws in zip(tokens, experts.tolist(), weights.tolist()):
-        print(f"  {text!r:>16} -> " + ", ".join(f"e{e} ({w:.2f})" for e, w in zip(es, ws)))
-        by_expert[es[0]][text] += 1
+    by_expert = defaultdict(Counter)  # expert -> how often each token text has it as first choice
+    for text, chosen, chosen_weights in zip(tokens, experts.tolist(), weights.tolist()):
+        print(f"  {text!r:>16} -> " + ", ".join(f"e{e} ({w:.2f})" for e, w in zip(chosen, chosen_weights)))
+        by_expert[chosen[0]][text] += 1
     print("tokens whose first choice each expert is:")
     for e in range(n_experts):
         common = ", ".join(repr(t) for t, _ in by_expert[e].most_common(12))
@@ -71,25 +74,26 @@ def print_routing(tokens, experts, weights, layer, n_experts):
 def main(argv):
     try:
         cfg = SimpleNamespace(**configure(argv, {k: globals()[k] for k in KEYS}))
-        model, enc = load_model(cfg.out_dir, cfg.device)
+        device = pick_device(cfg.device)
+        model, tokenizer = load_model(cfg.out_dir, device)
         prompt = cfg.start
         if prompt.startswith("FILE:"):
             try:
                 prompt = open(prompt[5:], encoding="utf-8").read()
             except OSError as e:
                 raise UserError(f"cannot read the prompt file {prompt[5:]}: {e.strerror}") from None
-        ids = enc.encode(prompt, allowed_special="all")[-model.config.block_size:]
+        ids = tokenizer.encode(prompt, allowed_special="all")[-model.config.block_size:]
         if not ids:
             raise UserError("the prompt is empty")
-        idx = torch.tensor([ids], device=cfg.device)
+        idx = torch.tensor([ids], device=device)
         if cfg.show_routing:
             experts, weights = routing(model, idx, cfg.layer)
-            print_routing([enc.decode([i]) for i in ids], experts, weights, cfg.layer, model.config.n_experts)
+            print_routing([tokenizer.decode([i]) for i in ids], experts, weights, cfg.layer, model.config.n_experts)
             return
         torch.manual_seed(cfg.seed)
         for _ in range(cfg.num_samples):
             out = model.generate(idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k or None)
-            print(enc.decode(out[0].tolist()))
+            print(tokenizer.decode(out[0].tolist()))
             print("---------------")
     except UserError as e:
         sys.exit(f"error: {e}")

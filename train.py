@@ -11,32 +11,43 @@ Train a dense or Mixture-of-Experts GPT on a dataset made by prepare.py.
 Every knob below (and every GPTConfig field in model.py) can be set by a config file or --key=value.
 """
 
-import ctypes
-import glob
-import inspect
 import json
 import math
 import os
-import signal
-import subprocess
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, fields
+from dataclasses import asdict, dataclass, fields
 from types import SimpleNamespace
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from configurator import UserError, configure
 from model import GPT, GPTConfig, count_params, match_dense, model_fields
 from prepare import load_spec
+from report import param_table
+from runtime import (
+    StopFlag,
+    append_log,
+    check_out_dir,
+    code_version,
+    compile_model,
+    end_processes,
+    keep_freed_memory,
+    load_checkpoint,
+    load_weights,
+    print0,
+    setup_system,
+    truncate_log,
+    use_compile,
+    wrap_ddp,
+    write_checkpoint,
+)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-CHECKPOINT_FORMAT = 1
 
 # -----------------------------------------------------------------------------
 # config: defaults, overridden by config files and --key=value (see configurator.py)
@@ -75,31 +86,39 @@ TRAIN_KEYS = [k for k, v in list(globals().items()) if not k.startswith("_") and
               and isinstance(v, (int, float, bool, str))]
 
 
+TRAIN_KEYS = [k for k, v in list(globals().items()) if not k.startswith("_") and k.islower()
+              and isinstance(v, (int, float, bool, str))]
+
+
 def defaults():
     """All config keys with their defaults: the model's (GPTConfig fields) and train.py's own."""
     return {**{f.name: f.default for f in fields(GPTConfig)}, **{k: globals()[k] for k in TRAIN_KEYS}}
 
 
-def code_version():
-    """The git commit of this code, for logs and reports."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                                check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True).stdout.strip()
-        return f"commit {commit}" + (" with uncommitted changes" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "not a git checkout"
-
-
-def print0(*args, **kwargs):
-    """print on the first process only."""
-    if int(os.environ.get("RANK", 0)) == 0:
-        tqdm.write(" ".join(str(a) for a in args), **kwargs)
+@dataclass
+class Progress:
+    """Where training stands: with the weights, optimizer and data sampler, what a checkpoint needs to
+    continue exactly."""
+    iter_num: int = 0  # optimizer steps taken
+    best_val_loss: float = float("inf")
+    evaluated_iter: int = -1  # the last iteration whose evaluation was done and logged
+    skipped_steps: int = 0  # steps skipped for a non-finite loss or gradient, in all
 
 
 # -----------------------------------------------------------------------------
-# model configs and the parameter table
+# the models: the one to train, and the table of those involved
+
+
+def resolve_models(cfg, data_dir, state):
+    """(configured, trained, match): the configured GPTConfig, the one to train and the match knob; on
+    resume, the checkpointed run's, whatever the config says now. vocab_size 0 takes the dataset's."""
+    if state is not None:
+        configured, _ = model_configs(SimpleNamespace(**state["config"]))
+        return configured, GPTConfig(**state["model_args"]), state["config"]["match"]
+    if cfg.vocab_size == 0:
+        cfg.vocab_size = load_meta(data_dir, cfg.dataset)["vocab_size"]
+    configured, trained = model_configs(cfg)
+    return configured, trained, cfg.match
 
 
 def model_configs(cfg):
@@ -116,34 +135,21 @@ def model_configs(cfg):
         raise UserError(str(e)) from None
 
 
-def param_table(mc, match):
-    """Text table of the models involved: the MoE and its matched dense baselines (or the dense model)."""
-    rows = [("model", mc)]
-    if mc.n_experts > 0:
-        rows = [("moe", mc), ("dense-active", match_dense(mc, "active")), ("dense-total", match_dense(mc, "total"))]
-    moe_counts = count_params(mc)
-    lines = [f"{'model':<13} {'n_embd':>6} {'ffn/expert':>10} {'total':>12} {'active':>12} {'embedding':>10} "
-             f"{'mismatch':>9}"]
-    for name, c in rows:
-        n = count_params(c)
-        hidden = c.ffn_hidden if c.n_experts == 0 else "/".join(str(h) for h in sorted(set(c.expert_sizes)))
-        if c.n_experts > 0:
-            hidden = f"{c.n_experts}x{hidden}"
-            if c.n_shared_experts:
-                hidden += f"+{c.n_shared_experts}x{c.shared_expert_hidden}"
-        target = name.split("-")[-1] if name.startswith("dense-") else None
-        mismatch = f"{(n['total'] - moe_counts[target]) / moe_counts[target]:+.3%}" if target else ""
-        mark = " <- trains" if (name == "moe" and match == "none") or target == match or name == "model" else ""
-        lines.append(f"{name:<13} {c.n_embd:>6} {hidden:>10} {n['total']:>12,} {round(n['active']):>12,} "
-                     f"{n['embedding']:>10,} {mismatch:>9}{mark}")
-    if mc.n_experts > 0:
-        lines.append("active = per token: the router and K of E experts (router counted as active); "
-                     "dense mismatch is against the MoE's active/total count")
-    return "\n".join(lines)
+def models_involved(configured, match):
+    """Rows of report.param_table: the configured MoE and its dense baselines matched to its active and
+    total counts, or the configured dense model; the one this run trains is marked."""
+    if configured.n_experts == 0:
+        return [("dense", configured, None, "<- trains")]
+    counts = count_params(configured)
+    rows = [("moe", configured, None, "<- trains" if match == "none" else "")]
+    for target in ("active", "total"):
+        trains = "<- trains" if match == target else ""
+        rows.append((f"dense-{target}", match_dense(configured, target), counts[target], trains))
+    return rows
 
 
 # -----------------------------------------------------------------------------
-# data
+# data, schedule, evaluation
 
 
 def load_meta(data_dir, dataset_name):
@@ -160,6 +166,19 @@ def load_split(data_dir, split, meta, block_size):
         raise UserError(f"{split}.bin of {data_dir} has {len(data)} tokens, fewer than block_size + 1 = "
                         f"{block_size + 1}: lower block_size or prepare more text")
     return data
+
+
+def load_data(dataset, data_dir, model_config, state):
+    """(meta, train tokens, val tokens) of the dataset, checked against the model and a resumed run."""
+    meta = load_meta(data_dir, dataset)
+    if meta["vocab_size"] > model_config.vocab_size:
+        raise UserError(f"dataset {dataset!r} has a vocabulary of {meta['vocab_size']}, larger than the "
+                        f"model's vocab_size {model_config.vocab_size}")
+    if state is not None and meta["vocab_size"] != state["dataset_vocab_size"]:
+        raise UserError(f"dataset {dataset!r} has a vocabulary of {meta['vocab_size']}, the resumed run "
+                        f"was trained on one of {state['dataset_vocab_size']}")
+    return (meta, load_split(data_dir, "train", meta, model_config.block_size),
+            load_split(data_dir, "val", meta, model_config.block_size))
 
 
 def get_batch(data, batch_size, block_size, generator, device):
@@ -183,150 +202,50 @@ def get_lr(it, cfg):
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
 
 
+def add_routing(total, routing):
+    """Routing counts (stats["routing"] of GPT.forward) of two forward passes, added layer by layer."""
+    if total is None:
+        return routing
+    return [{k: a[k] + b[k] for k in a} for a, b in zip(total, routing)]
+
+
 @torch.no_grad()
-def evaluate(model, loss_parts, data, batch_size, block_size, eval_iters, device, autocast):
-    """Mean cross-entropy over eval_iters validation batches, the same batches at every call
-    (and for every model), so that evaluations compare like with like."""
+def evaluate(model, data, batch_size, block_size, eval_iters, device, autocast):
+    """(mean cross-entropy, routing counts) over eval_iters validation batches, the same batches at
+    every call (and for every model), so that evaluations compare like with like."""
     model.eval()
     generator = torch.Generator().manual_seed(0)
-    total = 0.0
+    total, routing = 0.0, None
     for _ in range(eval_iters):
         x, y = get_batch(data, batch_size, block_size, generator, device)
         with autocast:
-            model(x, y)
-        total += loss_parts()["ce"].item()
+            _, _, stats = model(x, y)
+        total += stats["ce"].item()
+        routing = add_routing(routing, stats["routing"])
     model.train()
-    return total / eval_iters
+    return total / eval_iters, routing
 
 
-# -----------------------------------------------------------------------------
-# checkpoints
+def routing_line(layer, summary):
+    """One console line of an MoE layer's routing (an entry of GPT.routing_summary)."""
+    line = (f"  moe layer {layer}: load max/mean {summary['max_mean']:.2f}, cv {summary['cv']:.3f}, "
+            f"entropy {summary['entropy']:.3f}, dropped {summary['dropped']:.2%}")
+    if "bias_range" in summary:
+        low, high = summary["bias_range"]
+        line += f", bias [{low:+.4f}, {high:+.4f}]"
+    return line
 
 
-def save_checkpoint(path, state):
-    """Write atomically: a temp file in the same folder, flushed to disk, then renamed over path,
-    so a crash or a full disk at any point leaves the previous checkpoint whole."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-        try:
-            os.fsync(folder)  # make the rename itself durable
-        finally:
-            os.close(folder)
-    except OSError as e:
-        kept = "the previous checkpoint is intact" if os.path.exists(path) else "no checkpoint was written"
-        raise UserError(f"could not write checkpoint {path} ({e.strerror or e}); {kept}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def load_checkpoint(path):
-    """A checkpoint written by save_checkpoint, or UserError for a missing, truncated or foreign file."""
-    if not os.path.exists(path):
-        raise UserError(f"no checkpoint at {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain data only
-    except Exception as e:
-        raise UserError(f"cannot read checkpoint {path} (truncated or not a checkpoint): {type(e).__name__}") from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise UserError(f"{path} is not a tinymoe checkpoint of format {CHECKPOINT_FORMAT}")
-    return state
-
-
-def load_weights(model, state, path):
-    try:
-        model.load_state_dict(state["model"])
-    except (RuntimeError, KeyError) as e:
-        raise UserError(f"{path} does not hold the weights of the model it describes: "
-                        f"{str(e).splitlines()[0]}") from None
-
-
-def truncate_log(path, iter_num, evaluated):
-    """Keep the log records up to a resumed checkpoint (at iter_num, its evaluation done or not):
-    drop those a crashed run wrote after it."""
-    if not os.path.exists(path):
-        return
-    records = [json.loads(line) for line in open(path) if line.strip()]
-    keep = [r for r in records if r.get("iter", 0) < iter_num
-            or (r.get("iter") == iter_num and ("val_loss" not in r or evaluated))]
-    with open(path, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in keep)
-
-
-# -----------------------------------------------------------------------------
-# system
-
-
-def setup_system(cfg):
-    """(device, dtype, autocast context, rank, world size) from the config and torchrun's environment."""
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    rank, local_rank, world = 0, 0, 1
-    if cfg.device == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    else:
-        name = cfg.device
-    if ddp:
-        rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
-        backend = "nccl" if name.startswith("cuda") else "gloo"
-        dist.init_process_group(backend=backend)
-        if name.startswith("cuda"):
-            name = f"cuda:{local_rank}"
-            torch.cuda.set_device(name)
-    device = torch.device(name)
-    if device.type == "cpu":
-        keep_freed_memory()
-    if cfg.dtype == "auto":
-        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        dtype = torch.bfloat16 if bf16 else torch.float32
-    elif cfg.dtype in ("float32", "bfloat16"):
-        dtype = getattr(torch, cfg.dtype)
-    else:
-        raise UserError(f"dtype must be 'auto', 'float32' or 'bfloat16', got {cfg.dtype!r}")
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
-    return device, dtype, autocast, rank, world
-
-
-def keep_freed_memory():
-    """On glibc, keep freed blocks of up to 32 MB for reuse rather than returning them to the OS:
-    otherwise each step page-faults its large temporaries back in (about 5 ms per 16 MB on a CPU)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return  # not glibc: nothing to tune
-    libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD (its maximum): heap-allocate blocks up to 32 MB
-    libc.mallopt(-1, -1)  # M_TRIM_THRESHOLD: never trim the heap's free top
-
-
-def use_compile(cfg, device):
-    value = cfg.compile.lower()
-    if value not in ("auto", "true", "false"):
-        raise UserError(f"compile must be 'auto', 'true' or 'false', got {cfg.compile!r}")
-    return device.type == "cuda" if value == "auto" else value == "true"
-
-
-class StopFlag:
-    """Set by SIGINT or SIGTERM: the loop finishes its step, writes a checkpoint and exits 0."""
-
-    def __init__(self):
-        self.set = False
-        self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
-
-    def handle(self, signum, frame):
-        if self.set:  # a second signal: stop now, without a new checkpoint
-            print0(f"{signal.Signals(signum).name} again: stopping now; the last checkpoint is intact")
-            raise SystemExit(130)
-        self.set = True
-        print0(f"{signal.Signals(signum).name}: stopping after this step (send it again to stop at once)")
-
-    def restore(self):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
+def resume_from(state, path, model, optimizer, data_rng, system):
+    """Load a checkpoint's weights, optimizer state and this process's data sampler state; return its
+    Progress."""
+    load_weights(model, state, path)
+    optimizer.load_state_dict(state["optimizer"])
+    if len(state["data_rng"]) != system.world:
+        raise UserError(f"the checkpoint was written by {len(state['data_rng'])} process(es); resume it "
+                        f"with as many (this run has {system.world})")
+    data_rng.set_state(state["data_rng"][system.rank])
+    return Progress(**{f.name: state[f.name] for f in fields(Progress)})
 
 
 def check_choice(cfg, name, allowed):
@@ -334,225 +253,158 @@ def check_choice(cfg, name, allowed):
         raise UserError(f"{name} must be one of {', '.join(allowed)}; got {getattr(cfg, name)!r}")
 
 
-def check_out_dir(out_dir, ckpt_path, fresh_start, overwrite):
-    """Refuse to overwrite another run's checkpoint by accident; make sure out_dir is writable; remove
-    the temp files of checkpoint writes that a killed run left behind."""
-    if fresh_start and os.path.exists(ckpt_path) and not overwrite:
-        raise UserError(f"{ckpt_path} exists: continue it with --init_from=resume, or start over with "
-                        f"--overwrite=True")
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        probe = os.path.join(out_dir, f".write_test{os.getpid()}")
-        open(probe, "w").close()
-        os.remove(probe)
-        for stale in glob.glob(f"{ckpt_path}.tmp*"):
-            os.remove(stale)
-    except OSError as e:
-        raise UserError(f"out_dir {out_dir} is not writable: {e.strerror}") from None
-
-
-def weights_checksum(model):
-    """One number from all weights: data parallelism must keep it equal on every process."""
-    return torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().item()
-
-
-def routing_line(layer, s):
-    line = (f"  moe layer {layer}: load max/mean {s['max_mean']:.2f}, cv {s['cv']:.3f}, "
-            f"entropy {s['entropy']:.3f}, dropped {s['dropped']:.2%}")
-    if "bias_range" in s:
-        line += f", bias [{s['bias_range'][0]:+.4f}, {s['bias_range'][1]:+.4f}]"
-    return line
+# -----------------------------------------------------------------------------
+# training
 
 
 def train(cfg):
     """Train as cfg (a namespace of every config key) says; return the best validation loss."""
+    # --- setup: the model to train, data, processes, state ---
     check_choice(cfg, "init_from", ("scratch", "resume"))
     check_choice(cfg, "match", ("none", "active", "total"))
     data_dir = os.path.join(cfg.data_root, cfg.dataset)
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     log_path = os.path.join(cfg.out_dir, "metrics.jsonl")
-
-    # --- the model to train, and the table of the models involved ---
     state = load_checkpoint(ckpt_path) if cfg.init_from == "resume" else None
-    if state is not None:
-        configured, _ = model_configs(SimpleNamespace(**state["config"]))
-        mc = GPTConfig(**state["model_args"])
-        match = state["config"]["match"]
-    else:
-        if cfg.vocab_size == 0:
-            cfg.vocab_size = load_meta(data_dir, cfg.dataset)["vocab_size"]
-        configured, mc = model_configs(cfg)
-        match = cfg.match
-    print0(param_table(configured, match))
+    configured, model_config, match = resolve_models(cfg, data_dir, state)
+    block_size = model_config.block_size  # T, the context length
+    print0(param_table(models_involved(configured, match)))
+    if configured.n_experts > 0:
+        print0("active = what one token uses, the router and K of the E experts included; "
+               "mismatch = a dense total against the MoE's count")
     if cfg.dry_run:
         return None
 
-    # --- data ---
-    meta = load_meta(data_dir, cfg.dataset)
-    if meta["vocab_size"] > mc.vocab_size:
-        raise UserError(f"dataset {cfg.dataset!r} has a vocabulary of {meta['vocab_size']}, larger than the "
-                        f"model's vocab_size {mc.vocab_size}")
-    if state is not None and meta["vocab_size"] != state["dataset_vocab_size"]:
-        raise UserError(f"dataset {cfg.dataset!r} has a vocabulary of {meta['vocab_size']}, the resumed run "
-                        f"was trained on one of {state['dataset_vocab_size']}")
-    tokenizer = load_spec(data_dir)  # saved in checkpoints, so sampling needs no dataset
-    train_data = load_split(data_dir, "train", meta, mc.block_size)
-    val_data = load_split(data_dir, "val", meta, mc.block_size)
+    meta, train_data, val_data = load_data(cfg.dataset, data_dir, model_config, state)
+    # what the checkpoint says of the run; the tokenizer too, so that sampling needs no dataset
+    about = {"model_args": asdict(model_config), "config": vars(cfg), "dataset_vocab_size": meta["vocab_size"],
+             "tokenizer": load_spec(data_dir)}
 
-    # --- system: device, precision, processes ---
-    device, dtype, autocast, rank, world = setup_system(cfg)
-    master = rank == 0
+    system = setup_system(cfg.device, cfg.dtype)
+    device, autocast, world = system.device, system.autocast, system.world
+    if device.type == "cpu":
+        keep_freed_memory()  # glibc: reuse freed heap blocks rather than page-fault every step's temporaries in
     if cfg.gradient_accumulation_steps % world:
         raise UserError(f"gradient_accumulation_steps ({cfg.gradient_accumulation_steps}) must be a multiple "
                         f"of the number of processes ({world})")
     accum = cfg.gradient_accumulation_steps // world  # micro-steps of this process
-    if master:
+    if system.master:
         check_out_dir(cfg.out_dir, ckpt_path, state is None, cfg.overwrite)
 
-    # --- model, optimizer, state ---
     torch.manual_seed(cfg.seed)  # the same initial weights on every process
-    raw_model = GPT(mc).to(device)
+    raw_model = GPT(model_config).to(device)
     optimizer = raw_model.configure_optimizer(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
                                               device.type)
-    data_rng = torch.Generator().manual_seed(cfg.seed + rank)  # the order of the training batches
-    iter_num, best_val, evaluated_iter = 0, float("inf"), -1
+    data_rng = torch.Generator().manual_seed(cfg.seed + system.rank)  # the order of the training batches
+    progress = Progress()
     if state is not None:
-        load_weights(raw_model, state, ckpt_path)
-        optimizer.load_state_dict(state["optimizer"])
-        iter_num, best_val, evaluated_iter = state["iter_num"], state["best_val_loss"], state["evaluated_iter"]
-        if len(state["data_rng"]) != world:
-            raise UserError(f"the checkpoint was written by {len(state['data_rng'])} process(es); resume it "
-                            f"with as many (this run has {world})")
-        data_rng.set_state(state["data_rng"][rank])
-        if master:
-            truncate_log(log_path, iter_num, evaluated_iter == iter_num)
-    elif master:
+        progress = resume_from(state, ckpt_path, raw_model, optimizer, data_rng, system)
+        if system.master:  # drop what a crashed run logged after its checkpoint
+            truncate_log(log_path, progress.iter_num, progress.evaluated_iter == progress.iter_num)
+    elif system.master:
         open(log_path, "w").close()
-    model = torch.compile(raw_model) if use_compile(cfg, device) else raw_model
-    eval_model = model
+        append_log(log_path, {"event": "start", "time": time.time(), "code": code_version(), "config": vars(cfg),
+                              "model_args": asdict(model_config), "params": count_params(model_config)})
+    model = compile_model(raw_model) if use_compile(cfg.compile, device) else raw_model
+    eval_model = model  # evaluation needs no gradient synchronisation
     if world > 1:
-        # the MoE buffers hold each process's own routing counts: DDP must not overwrite them with rank 0's
-        no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters \
-            else "broadcast_buffers"  # the newer name (torch 2.13) and the older one
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, **{no_sync: False})
-
-    tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * mc.block_size
+        model = wrap_ddp(model, device)
+    tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * block_size
+    precision = "bfloat16 autocast" if system.dtype == torch.bfloat16 else "float32"
     print0(f"tokens per iteration: {tokens_per_iter:,} = {cfg.gradient_accumulation_steps} x {cfg.batch_size} x "
-           f"{mc.block_size}; device {device}, {'bfloat16 autocast' if dtype == torch.bfloat16 else 'float32'}, "
-           f"{world} process(es)")
+           f"{block_size}; device {device}, {precision}, {world} process(es)")
 
-    def log(record):
-        if master:
-            with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-
-    def checkpoint():
-        rngs = [data_rng.get_state()]
-        if world > 1:  # one collective: every process's data sampler state and weights checksum
-            gathered = [None] * world
-            dist.all_gather_object(gathered, (data_rng.get_state(), weights_checksum(raw_model)))
-            rngs, sums = zip(*gathered)
-            if len(set(sums)) > 1:
-                raise UserError(f"the processes' weights diverged (checksums {sums}); please report this as a bug")
-        if master:
-            save_checkpoint(ckpt_path, {
-                "format": CHECKPOINT_FORMAT, "model_args": asdict(mc), "config": vars(cfg),
-                "dataset_vocab_size": meta["vocab_size"], "tokenizer": tokenizer, "model": raw_model.state_dict(),
-                "optimizer": optimizer.state_dict(), "iter_num": iter_num, "best_val_loss": best_val,
-                "evaluated_iter": evaluated_iter, "data_rng": rngs, "skipped_steps": skipped,
-            })
-        return iter_num
-
-    if state is None:
-        log({"event": "start", "time": time.time(), "code": code_version(), "config": vars(cfg),
-             "model_args": asdict(mc), "params": count_params(mc)})
-    saved_iter = state["iter_num"] if state is not None else None
-    stop = StopFlag()
+    saved_iter = progress.iter_num if state is not None else None  # of the last checkpoint written
     bad_steps = 0  # in a row
-    skipped = state["skipped_steps"] if state is not None else 0  # in all
-    bar = tqdm(total=cfg.max_iters, initial=iter_num, disable=not (master and sys.stderr.isatty()), dynamic_ncols=True)
-    t_last, it_last = time.time(), iter_num
+    stop = StopFlag()
+    bar = tqdm(total=cfg.max_iters, initial=progress.iter_num, disable=not (system.master and sys.stderr.isatty()),
+               dynamic_ncols=True)
+    t_last, it_last = time.time(), progress.iter_num
     try:
         while True:
-            # --- evaluate and checkpoint ---
-            if (iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters) and evaluated_iter != iter_num:
-                raw_model.pop_routing_stats()  # forget the training steps' routing
-                val_loss = evaluate(eval_model, lambda: raw_model.loss_parts, val_data, cfg.batch_size,
-                                    mc.block_size, cfg.eval_iters, device, autocast)
-                routing = raw_model.pop_routing_stats()
-                best_val, evaluated_iter = min(best_val, val_loss), iter_num
-                print0(f"iter {iter_num}: val loss {val_loss:.4f}, best {best_val:.4f}")
-                for layer, s in enumerate(routing):
-                    print0(routing_line(layer, s))
-                log({"iter": iter_num, "tokens": iter_num * tokens_per_iter, "val_loss": val_loss,
-                     "best_val_loss": best_val, "routing": routing, "time": time.time()})
-                saved_iter = checkpoint()
-                t_last, it_last = time.time(), iter_num
-            if iter_num >= cfg.max_iters:
+            # --- evaluate and checkpoint, every eval_interval steps and at the end ---
+            it = progress.iter_num
+            if (it % cfg.eval_interval == 0 or it == cfg.max_iters) and progress.evaluated_iter != it:
+                val_loss, routing = evaluate(eval_model, val_data, cfg.batch_size, block_size, cfg.eval_iters, device,
+                                             autocast)
+                routing = raw_model.routing_summary(routing)
+                progress.best_val_loss, progress.evaluated_iter = min(progress.best_val_loss, val_loss), it
+                print0(f"iter {it}: val loss {val_loss:.4f}, best {progress.best_val_loss:.4f}")
+                for layer, summary in enumerate(routing):
+                    print0(routing_line(layer, summary))
+                if system.master:
+                    append_log(log_path, {"iter": it, "tokens": it * tokens_per_iter, "val_loss": val_loss,
+                                          "best_val_loss": progress.best_val_loss, "routing": routing,
+                                          "time": time.time()})
+                write_checkpoint(ckpt_path, about, raw_model, optimizer, progress, data_rng, system)
+                saved_iter = it
+                t_last, it_last = time.time(), it
+            if it >= cfg.max_iters:
                 break
 
             # --- one optimizer step: lr, micro-steps, clip, step ---
-            lr = get_lr(iter_num, cfg)
+            lr = get_lr(it, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            parts = dict.fromkeys(("loss", "ce", "aux", "z"), 0.0)
+            parts = dict.fromkeys(("loss", "ce", "aux", "z"), 0.0)  # averaged over micro-steps, for the log
+            routing = None  # summed over micro-steps, for the aux_free bias update
             for micro_step in range(accum):
-                x, y = get_batch(train_data, cfg.batch_size, mc.block_size, data_rng, device)
+                x, y = get_batch(train_data, cfg.batch_size, block_size, data_rng, device)
                 last = micro_step == accum - 1
                 with (model.no_sync() if world > 1 and not last else nullcontext()), autocast:
-                    _, loss = model(x, y)
+                    _, loss, stats = model(x, y)
                 (loss / accum).backward()  # gradients average over micro-steps (and, by DDP, processes)
                 parts["loss"] += loss.detach() / accum
                 for k in ("ce", "aux", "z"):
-                    parts[k] += raw_model.loss_parts[k] / accum
+                    parts[k] += stats[k] / accum
+                routing = add_routing(routing, stats["routing"])
             grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or float("inf"))
             if torch.isfinite(grad_norm):  # DDP averaged the gradients, so every process agrees
                 optimizer.step()
-                raw_model.update_expert_bias()
+                raw_model.update_expert_bias(routing)
                 bad_steps = 0
             else:  # a non-finite loss or gradient: skip the step rather than poison the weights
-                raw_model.pop_routing_stats()
                 bad_steps += 1
-                skipped += 1
-                print0(f"iter {iter_num}: non-finite loss or gradient, step skipped ({bad_steps} in a row)")
+                progress.skipped_steps += 1
+                print0(f"iter {it}: non-finite loss or gradient, step skipped ({bad_steps} in a row)")
                 if bad_steps >= cfg.max_bad_steps:
                     last_good = f"{ckpt_path} (iteration {saved_iter})" if saved_iter is not None else "none"
                     raise UserError(f"{bad_steps} steps in a row had a non-finite loss or gradient, stopping. "
                                     f"Last good checkpoint: {last_good}. Try a lower learning_rate")
             optimizer.zero_grad(set_to_none=True)
-            iter_num += 1
+            progress.iter_num = it = it + 1
             bar.update(1)
 
             # --- log ---
-            if iter_num % cfg.log_interval == 0 or iter_num == cfg.max_iters:
-                dt = (time.time() - t_last) / max(1, iter_num - it_last)
-                t_last, it_last = time.time(), iter_num
-                vals = {k: float(v) for k, v in parts.items()}
-                print0(f"iter {iter_num}: loss {vals['loss']:.4f}, ce {vals['ce']:.4f}, aux {vals['aux']:.4f}, "
-                       f"z {vals['z']:.4f}, lr {lr:.1e}, {dt * 1000:.1f}ms")
-                log({"iter": iter_num, "tokens": iter_num * tokens_per_iter, **vals, "lr": lr,
-                     "ms_per_iter": dt * 1000, "tokens_per_s": tokens_per_iter / dt, "skipped_steps": skipped})
+            if it % cfg.log_interval == 0 or it == cfg.max_iters:
+                dt = (time.time() - t_last) / max(1, it - it_last)
+                t_last, it_last = time.time(), it
+                values = {k: float(v) for k, v in parts.items()}
+                print0(f"iter {it}: loss {values['loss']:.4f}, ce {values['ce']:.4f}, aux {values['aux']:.4f}, "
+                       f"z {values['z']:.4f}, lr {lr:.1e}, {dt * 1000:.1f}ms")
+                if system.master:
+                    append_log(log_path, {"iter": it, "tokens": it * tokens_per_iter, **values, "lr": lr,
+                                          "ms_per_iter": dt * 1000, "tokens_per_s": tokens_per_iter / dt,
+                                          "skipped_steps": progress.skipped_steps})
 
             # --- stop cleanly on SIGINT / SIGTERM ---
             stop_now = torch.tensor(float(stop.set))
             if world > 1:
                 dist.all_reduce(stop_now)  # every process stops after the same step
             if stop_now.item():
-                checkpoint()
-                print0(f"stopped at iteration {iter_num}, checkpoint written: continue with the same command "
+                write_checkpoint(ckpt_path, about, raw_model, optimizer, progress, data_rng, system)
+                print0(f"stopped at iteration {it}, checkpoint written: continue with the same command "
                        f"and --init_from=resume")
                 break
     finally:
+        # --- finish ---
         stop.restore()
         bar.close()
         if world > 1:
-            # free DDP (its reducer holds the process group) and finish all collectives first: a
-            # process group destroyed while its worker threads still release tensors can deadlock
-            del model
-            dist.barrier()
-            dist.destroy_process_group()
-    print0(f"best val loss {best_val:.4f}")
-    return best_val
+            del model  # DDP's reducer holds the process group
+            end_processes()
+    print0(f"best val loss {progress.best_val_loss:.4f}")
+    return progress.best_val_loss
 
 
 def main(argv):

@@ -57,3 +57,8 @@ def data_root(tmp_path_factory):
 TINY_MOE = ["--dataset=tiny", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--n_experts=4",
             "--top_k=2", "--expert_hidden=48", "--batch_size=4", "--eval_iters=2", "--log_interval=1",
             "--warmup_iters=2", "--device=cpu"]
+
+
+def tiny_arg(key):
+    """The value TINY_MOE gives key, as a number."""
+    return next(int(a.split("=")[1]) for a in TINY_MOE if a.startswith(f"--{key}="))

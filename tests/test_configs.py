@@ -3,6 +3,7 @@ tolerance, and trains a few steps (shrunk to toy width) without NaN."""
 
 import glob
 import json
+import math
 import os
 
 import pytest
@@ -55,6 +56,7 @@ def test_fine_grained_configs_keep_active_params():
         assert abs(active / base - 1) < 0.01, name  # equal up to the router's size
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", [p for p in CONFIGS if "moe_" in p])
 def test_config_trains_without_nan(path, data_root, tmp_path):
     out = tmp_path / "run"
@@ -65,14 +67,16 @@ def test_config_trains_without_nan(path, data_root, tmp_path):
     assert r.returncode == 0, r.stderr
     records = [json.loads(line) for line in open(out / "metrics.jsonl")]
     steps = [x for x in records if "loss" in x]
-    assert len(steps) == 3 and all(torch.isfinite(torch.tensor(x["loss"])) for x in steps)
-    routing = [x for x in records if "routing" in x][-1]["routing"]
-    assert len(routing) == 2 and all(abs(sum(layer["load"]) - 1) < 1e-3 for layer in routing)
+    assert len(steps) == 3 and all(math.isfinite(x["loss"]) for x in steps)
     state = torch.load(out / "ckpt.pt", weights_only=False)
     cfg = GPTConfig(**state["model_args"])
-    assert cfg.tie_embeddings  # so lm_head.weight is wte.weight, stored twice in the state dict
-    stored = sum(v.numel() for k, v in state["model"].items() if k != "lm_head.weight" and "expert_bias" not in k)
-    assert stored == count_params(cfg)["total"]
+    routing = [x for x in records if "routing" in x][-1]["routing"]
+    assert len(routing) == cfg.n_layer
+    for layer in routing:
+        assert len(layer["load"]) == cfg.n_experts and 0 < layer["entropy"] <= math.log(cfg.n_experts) + 1e-6
+    model = GPT(cfg)
+    model.load_state_dict(state["model"])  # the checkpoint holds this config's weights...
+    assert sum(p.numel() for p in model.parameters()) == records[0]["params"]["total"]  # ...and the logged count
 
 
 @pytest.mark.parametrize("n_experts, top_k", [(1, 1), (128, 8), (256, 8), (256, 256)])
@@ -82,7 +86,7 @@ def test_many_experts(n_experts, top_k):
                     expert_hidden=8)
     model = GPT(cfg)
     idx = torch.randint(0, 64, (2, 16))
-    _, loss = model(idx, idx)
+    _, loss, _ = model(idx, idx)
     loss.backward()
     assert torch.isfinite(loss)
     assert count_params(cfg)["total"] == sum(p.numel() for p in model.parameters())

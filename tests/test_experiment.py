@@ -1,6 +1,9 @@
 """experiment.py on a tiny model: the trio over seeds, skipping and resuming runs, sweeps, the report."""
 
+import csv
 import json
+import re
+import statistics
 import sys
 
 import pytest
@@ -8,6 +11,10 @@ import torch
 from conftest import TINY_MOE, run_script
 
 import experiment
+import report
+from model import GPTConfig
+
+pytestmark = pytest.mark.slow  # every test here trains models in subprocesses
 
 TINY = [a for a in TINY_MOE if not a.startswith("--log_interval")] + ["--eval_interval=2", "--max_iters=4"]
 
@@ -23,27 +30,50 @@ def main(data_root, *args):
     experiment.main([*TINY, f"--data_root={data_root}", *args])
 
 
+def table_after(text, heading):
+    """The rows of the first Markdown table after heading, past its header: {first cell: [cells]}."""
+    lines = text.split(heading, 1)[1].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[start + 2:end]]
+    return {row[0]: row for row in rows}
+
+
+def number(cell):
+    return float(cell.replace(",", "").rstrip("%"))
+
+
 def test_trio_over_seeds_and_report(data_root, in_tmp, capsys):
     main(data_root, "--seeds=2", "--name=trio")
     exp = in_tmp / "out" / "trio"
     runs = sorted(p.name for p in exp.iterdir() if p.is_dir())
     assert runs == ["dense-active-s1337", "dense-active-s1338", "dense-total-s1337", "dense-total-s1338",
                     "moe-s1337", "moe-s1338"]
-    report = (exp / "report.md").read_text()
-    for text in ("| moe | 2 x 32 | 4x48 | top-2, router 256 |", "dense-active - moe:", "moe - dense-total:",
-                 "Runs finished: 6 of 6", "router (counted as active", "![curves.png](curves.png)",
-                 "## Against the published result", "published: dense-total < moe < dense-active"):
-        assert text in report, text
+    text = (exp / "report.md").read_text()
+    for part in ("Runs finished: 6 of 6", "router (counted as active", "![curves.png](curves.png)",
+                 "## Against the published result"):
+        assert part in text, part
     assert (exp / "curves.png").exists() and (exp / "gaps.png").exists() and (exp / "curves.csv").exists()
     # the report's numbers are the runs' numbers
-    best = {}
-    for run in runs:
-        records = [json.loads(line) for line in open(exp / run / "metrics.jsonl")]
-        best[run] = min(r["val_loss"] for r in records if "val_loss" in r)
+    logs = {run: [json.loads(line) for line in open(exp / run / "metrics.jsonl")] for run in runs}
+    models = table_after(text, "## Models")
+    for label in ("moe", "dense-active", "dense-total"):
+        start = logs[f"{label}-s1337"][0]
+        cells, cfg = models[label], GPTConfig(**start["model_args"])
+        assert cells[1] == f"{cfg.n_layer} x {cfg.n_embd}"
+        assert [number(c) for c in cells[4:7]] == [start["params"][k] for k in ("total", "active", "embedding")]
+        if label != "moe":
+            goal = logs["moe-s1337"][0]["params"][label.split("-")[1]]
+            assert number(cells[7]) == pytest.approx(100 * (start["params"]["total"] - goal) / goal, abs=5e-4)
+    moe = GPTConfig(**logs["moe-s1337"][0]["model_args"])
+    assert models["moe"][3] == f"top-{moe.top_k}, router {moe.n_experts * moe.n_embd * moe.n_layer:,}"
+    best = {run: min(r["val_loss"] for r in log if "val_loss" in r) for run, log in logs.items()}
     gaps = [best[f"dense-active-s{s}"] - best[f"moe-s{s}"] for s in (1337, 1338)]
-    mean = sum(gaps) / 2
-    std = (sum((g - mean) ** 2 for g in gaps)) ** 0.5  # sample std of two values: |a - b| / sqrt(2)
-    assert f"dense-active - moe: {mean:.4f} +/- {std:.4f} (2 seeds)" in report
+    mean, std, n = re.search(r"dense-active - moe: (\S+) \+/- (\S+) \((\d+) seeds\)", text).groups()
+    assert float(mean) == pytest.approx(statistics.mean(gaps), abs=5e-5)
+    assert float(std) == pytest.approx(statistics.stdev(gaps), abs=5e-5) and int(n) == 2
+    published = " < ".join(sorted(report.PUBLISHED, key=lambda m: report.PUBLISHED[m][0]))
+    assert f"published: {published}" in text
     # the same seed gives every model the same data order: their batch samplers end in the same state
     rng = {run: torch.load(exp / run / "ckpt.pt", weights_only=True)["data_rng"][0] for run in runs}
     assert torch.equal(rng["moe-s1337"], rng["dense-active-s1337"]) and torch.equal(rng["moe-s1337"],
@@ -77,8 +107,8 @@ def test_sweep_holds_active_params(data_root, in_tmp):
     args = {p: torch.load(exp / p / "ckpt.pt", weights_only=True)["model_args"]
             for p in ("moe-top_k=1-s1337", "moe-top_k=2-s1337")}
     assert args["moe-top_k=1-s1337"]["expert_hidden"] == 96 and args["moe-top_k=2-s1337"]["expert_hidden"] == 48
-    report = (exp / "report.md").read_text()
-    assert "## Sweep" in report and "| top_k | moe | dense-active |" in report and "sweep.png" in report
+    text = (exp / "report.md").read_text()
+    assert "## Sweep" in text and "| top_k | moe | dense-active |" in text and "sweep.png" in text
     assert (exp / "sweep.png").exists()
 
 
@@ -87,9 +117,9 @@ def test_grid_sweep_names_and_report(data_root, in_tmp):
          "--max_iters=2")
     exp = in_tmp / "out" / "grid"
     assert len([p for p in exp.iterdir() if p.is_dir()]) == 4
-    report = (exp / "report.md").read_text()
-    assert "| n_experts | top_k | moe |" in report
-    assert report.count("\n| 2 | 1 |") == 1 and report.count("\n| 4 | 2 |") == 1
+    text = (exp / "report.md").read_text()
+    assert "| n_experts | top_k | moe |" in text
+    assert text.count("\n| 2 | 1 |") == 1 and text.count("\n| 4 | 2 |") == 1
 
 
 def test_tokens_per_parameter_sweep(data_root, in_tmp):
@@ -105,9 +135,11 @@ def test_report_without_matplotlib(data_root, in_tmp, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
     main(data_root, "--seeds=1", "--name=noplot", "--match=none")
     exp = in_tmp / "out" / "noplot"
-    report = (exp / "report.md").read_text()
-    assert "matplotlib is not installed" in report and not (exp / "curves.png").exists()
-    assert (exp / "curves.csv").read_text().startswith("model,point,seed,iter,tokens,val_loss")
+    text = (exp / "report.md").read_text()
+    assert "matplotlib is not installed" in text and not (exp / "curves.png").exists()
+    rows = list(csv.DictReader(open(exp / "curves.csv")))
+    logged = [r for r in map(json.loads, open(exp / "moe-s1337" / "metrics.jsonl")) if "val_loss" in r]
+    assert [(int(r["iter"]), float(r["val_loss"])) for r in rows] == [(r["iter"], r["val_loss"]) for r in logged]
 
 
 @pytest.mark.parametrize("args, message", [

@@ -14,6 +14,7 @@ STEPS = 4000
 
 
 @pytest.mark.soak
+@pytest.mark.slow
 def test_kill_and_resume_soak(data_root, tmp_path):
     args = [f"--max_iters={STEPS}", "--eval_interval=100", "--log_interval=10", "--balance=aux_free",
             "--capacity_factor=1.25"]

@@ -1,0 +1,318 @@
+"""
+Rendering of experiment results: the parameter table (also printed by train.py), out/<name>/report.md
+with its tables, curves.csv, and the plots curves.png, gaps.png or sweep.png. experiment.py runs the
+protocol and hands the finished runs (experiment.Run) here.
+"""
+
+import csv
+import os
+import platform
+import statistics
+
+import torch
+
+from model import GPTConfig, count_params
+from runtime import ROOT, code_version
+
+# The published trio: Abdalrahman Wael, "Dense vs Sparse Pretraining at Tiny Scale: Active-Parameter vs
+# Total-Parameter Matching", arXiv:2605.13769 (2026). Best validation loss, mean +/- std over 3 seeds, of
+# config/moe_e4k2.py's recipe and its matched dense baselines on TinyStories (under 25M parameters).
+PUBLISHED = {"dense-active": (1.6545, 0.0012), "moe": (1.5788, 0.0020), "dense-total": (1.5608, 0.0025)}
+GAPS = (("dense-active - moe", "dense-active", "moe"), ("moe - dense-total", "moe", "dense-total"))  # name, a, b
+
+
+# -----------------------------------------------------------------------------
+# the parameter table
+
+
+def param_table(rows, markdown=False):
+    """The table of models, rows [(name, GPTConfig, goal, note)]: goal is the MoE count a dense
+    baseline was matched to (None for the others), note a remark after the row. Plain text for the
+    console, or Markdown for a report."""
+    header = ["model", "layers x width", "FFN / experts", "routing", "total", "active", "embedding", "mismatch"]
+    table = []
+    for name, cfg, goal, note in rows:
+        counts = count_params(cfg)
+        mismatch = f"{(counts['total'] - goal) / goal:+.3%}" if goal else ""
+        table.append([name, f"{cfg.n_layer} x {cfg.n_embd}", ffn_text(cfg), routing_text(cfg), f"{counts['total']:,}",
+                      f"{round(counts['active']):,}", f"{counts['embedding']:,}", mismatch, note])
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|---|---|---|---|---:|---:|---:|---:|"]
+        return "\n".join(lines + ["| " + " | ".join(row[:-1]) + " |" for row in table])
+    widths = [max(len(row[i]) for row in [header, *table]) for i in range(len(header))]
+    line = lambda row: "  ".join(cell.ljust(w) if i < 4 else cell.rjust(w)
+                                 for i, (cell, w) in enumerate(zip(row, widths)))
+    return "\n".join([line(header), *(f"{line(row[:-1])}  {row[-1]}".rstrip() for row in table)])
+
+
+def ffn_text(cfg):
+    """The feed-forward of a config: the dense hidden size, or count x hidden of each expert group."""
+    if cfg.n_experts == 0:
+        return str(cfg.ffn_hidden)
+    text = " + ".join(f"{n}x{h}" for n, h in cfg.expert_groups or ((cfg.n_experts, cfg.expert_hidden),))
+    if cfg.n_shared_experts:
+        text += f" + {cfg.n_shared_experts}x{cfg.shared_expert_hidden} shared"
+    return text
+
+
+def routing_text(cfg):
+    return f"top-{cfg.top_k}, router {cfg.n_experts * cfg.n_embd * cfg.n_layer:,}" if cfg.n_experts else "-"
+
+
+# -----------------------------------------------------------------------------
+# numbers from the runs
+
+
+def point_label(point):
+    """A sweep point as text: 'n_experts=8,top_k=2'."""
+    return ",".join(f"{k}={v}" for k, v in point.items())
+
+
+def mean_std(values):
+    """'mean +/- std' (sample std over seeds; just the value for one seed)."""
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    return f"{statistics.mean(values):.4f} +/- {statistics.stdev(values):.4f}"
+
+
+def value_at(curve, iter_num):
+    return next((v for _, it, v in curve if it == iter_num), None)
+
+
+def pairs_by_seed(runs, a, b):
+    """[(run of model a, run of model b)] of the same seed, both finished, in seed order."""
+    done = {(r.model, r.seed): r for r in runs if r.done}
+    return [(done[(a, s)], done[(b, s)]) for s in sorted({r.seed for r in runs}) if (a, s) in done and (b, s) in done]
+
+
+def paired_gaps(runs):
+    """{gap name: [best val loss of a - that of b, per seed]} for the GAPS whose models both finished."""
+    gaps = {name: [run_a.best - run_b.best for run_a, run_b in pairs_by_seed(runs, a, b)] for name, a, b in GAPS}
+    return {name: values for name, values in gaps.items() if values}
+
+
+def gaps_at(runs, a, b, iter_num):
+    """Per seed, the val loss of a minus that of b at iteration iter_num (where both evaluated then)."""
+    pairs = [(value_at(run_a.curve, iter_num), value_at(run_b.curve, iter_num)) for run_a, run_b in
+             pairs_by_seed(runs, a, b)]
+    return [va - vb for va, vb in pairs if va is not None and vb is not None]
+
+
+def machine():
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    return f"{platform.machine()}, {os.cpu_count()} CPUs, {gpu}, torch {torch.__version__}"
+
+
+def repo_path(path):
+    """path as the report shows it: relative to the repository, so that no machine's folders leak in."""
+    return os.path.relpath(os.path.abspath(path), ROOT)
+
+
+# -----------------------------------------------------------------------------
+# report.md
+
+
+def write_report(cfg, runs, points, exp_dir, wall_s, argv):
+    """Write exp_dir/report.md (with curves.csv and the plots) from the collected runs; return its path."""
+    models = list(dict.fromkeys(r.model for r in runs))
+    versions = sorted({r.start["code"] for r in runs if r.start and "code" in r.start})
+    lines = [f"# Experiment {os.path.basename(exp_dir)}", "",
+             f"Command: `python experiment.py {' '.join(a for a in argv if not a.startswith('--report_only'))}`",
+             "", f"Code: runs at {', '.join(versions) or 'an unrecorded version'}; report at "
+             f"{code_version()}. Machine: {machine()}.", ""]
+    any_start = next((r.start for r in runs if r.start), None)
+    if any_start:
+        lines += [setup_line(any_start["config"]),
+                  f"Seeds: {', '.join(str(cfg.seed + i) for i in range(cfg.seeds))}. "
+                  f"Runs finished: {sum(r.done for r in runs)} of {len(runs)}, {cfg.jobs} at a time; "
+                  f"{sum(r.seconds for r in runs) / 60:.1f} min of training summed over runs"
+                  + ("." if cfg.report_only else f"; this invocation took {wall_s / 60:.1f} min."), ""]
+    lines += ["## Models", "",
+              "Active = parameters one token uses: embeddings, attention, norms, the router (counted as active: "
+              "every token uses all of it) and top_k of the n_experts experts. Mismatch: a dense model's total "
+              "against the MoE's active or total count.", "", param_table(model_rows(runs), markdown=True), ""]
+    for point in points:
+        point_runs = [r for r in runs if r.point == point]
+        title = f" ({point_label(point)})" if point else ""
+        lines += [f"## Best validation loss{title}", "", "| model | best val loss (mean +/- std over seeds) | seeds |",
+                  "|---|---|---:|"]
+        for model in models:
+            values = [r.best for r in point_runs if r.model == model and r.done]
+            lines.append(f"| {model} | {mean_std(values)} | {len(values)} |")
+        lines += [""] + gap_lines(point_runs)
+    if cfg.sweep:
+        lines += sweep_lines(runs, points, models)
+    elif set(PUBLISHED) <= set(models):
+        lines += ordering_lines(runs)
+    plots = write_plots(runs, points, models, exp_dir)
+    lines += [f"![{p}]({p})" for p in plots] or ["(matplotlib is not installed: no plots; curves.csv has the data)"]
+    write_csv(runs, exp_dir)
+    lines += ["", "All numbers above come from the runs' own metrics.jsonl files; curves.csv has every evaluation."]
+    with open(os.path.join(exp_dir, "report.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return os.path.join(exp_dir, "report.md")
+
+
+def setup_line(config):
+    """The data and schedule of the runs, from one run's logged config."""
+    data = repo_path(os.path.join(config["data_root"], config["dataset"]))
+    sequences = config["gradient_accumulation_steps"] * config["batch_size"]
+    return (f"Data: `{config['dataset']}` ({data}); {config['max_iters']} steps of {sequences} x "
+            f"{config['block_size']} tokens; lr {config['learning_rate']} -> {config['min_lr']}, warmup "
+            f"{config['warmup_iters']}; evaluation every {config['eval_interval']} steps on {config['eval_iters']} "
+            f"fixed validation batches.")
+
+
+def model_rows(runs):
+    """param_table rows: one per model of each sweep point, from the runs' own start records."""
+    rows, seen = [], set()
+    for run in runs:
+        if run.start is None or run.label in seen:
+            continue
+        seen.add(run.label)
+        moe = next((r for r in runs if r.model == "moe" and r.point == run.point and r.start), None)
+        goal = moe.start["params"][run.model.split("-")[1]] if run.model != "moe" and moe is not None else None
+        rows.append((run.label, GPTConfig(**run.start["model_args"]), goal, ""))
+    return rows
+
+
+def gap_lines(runs):
+    """The paired gaps in best validation loss, and the gaps at four points of training."""
+    gaps = paired_gaps(runs)
+    if not gaps:
+        return []
+    lines = ["Gaps in best validation loss, paired by seed (positive: the first model is worse):", ""]
+    lines += [f"- {name}: {mean_std(values)} ({len(values)} seeds)" for name, values in gaps.items()]
+    moe_runs = [r for r in runs if r.model == "moe" and r.done]
+    if moe_runs:
+        iters = [it for _, it, _ in moe_runs[0].curve]
+        marks = sorted({min(iters, key=lambda it: abs(it - f * iters[-1])) for f in (0.25, 0.5, 0.75, 1.0)})
+        lines += ["", "The gaps in validation loss over training (mean +/- std over seeds):", "",
+                  "| gap | " + " | ".join(f"step {it}" for it in marks) + " |", "|---|" + "---|" * len(marks)]
+        for name, a, b in GAPS:
+            if name in gaps:
+                lines.append(f"| {name} | " + " | ".join(mean_std(gaps_at(runs, a, b, it)) for it in marks) + " |")
+    return lines + [""]
+
+
+def ordering_lines(runs):
+    """This experiment's ordering of the trio next to the published one."""
+    means = {m: statistics.mean(v) for m in PUBLISHED if (v := [r.best for r in runs if r.model == m and r.done])}
+    if len(means) < len(PUBLISHED):
+        return []
+    ours = " < ".join(sorted(means, key=means.get))
+    theirs = " < ".join(sorted(PUBLISHED, key=lambda m: PUBLISHED[m][0]))
+    published = ", ".join(f"{m} {v:.4f} +/- {s:.4f}" for m, (v, s) in PUBLISHED.items())
+    return ["## Against the published result", "",
+            f"Published (Wael 2026, arXiv:2605.13769: TinyStories, under 25M parameters, 3 seeds; best validation "
+            f"loss): {published}.", "",
+            f"Ordering of mean best validation loss here: {ours}; published: {theirs} "
+            f"({'the same' if ours == theirs else 'different'}). Absolute losses are not comparable across "
+            f"datasets, tokenizers and model sizes; the ordering and the sign of the gaps are.", ""]
+
+
+def sweep_lines(runs, points, models):
+    keys = list(points[0])
+    lines = ["## Sweep", "", "Best validation loss (mean +/- std over seeds):", "",
+             "| " + " | ".join(keys) + " | " + " | ".join(models) + " |", "|---" * (len(keys) + len(models)) + "|"]
+    for point in points:
+        cells = [mean_std([r.best for r in runs if r.point == point and r.model == m and r.done]) for m in models]
+        lines.append("| " + " | ".join(str(point[k]) for k in keys) + " | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def write_csv(runs, exp_dir):
+    with open(os.path.join(exp_dir, "curves.csv"), "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["model", "point", "seed", "iter", "tokens", "val_loss"])
+        for r in runs:
+            writer.writerows([r.model, point_label(r.point), r.seed, it, tokens, v] for tokens, it, v in r.curve)
+
+
+# -----------------------------------------------------------------------------
+# plots
+
+
+def write_plots(runs, points, models, exp_dir):
+    """curves.png and gaps.png, or for a sweep sweep.png; the names of the files written ([] without
+    matplotlib)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    if len(points) > 1:
+        figures = [("sweep.png", plot_sweep(plt, runs, points, models))]
+    else:  # one sweep point: its runs' curves
+        done = [r for r in runs if r.done]
+        figures = [("curves.png", plot_curves(plt, done, models)), ("gaps.png", plot_gaps(plt, done))]
+    written = []
+    for filename, fig in figures:
+        if fig.axes[0].lines or fig.axes[0].containers:  # something was drawn
+            fig.axes[0].legend()
+            fig.tight_layout()
+            fig.savefig(os.path.join(exp_dir, filename), dpi=120)
+            written.append(filename)
+        plt.close(fig)
+    return written
+
+
+def band(ax, curves, label):
+    """Mean line and min-max band over seeds of curves [[(tokens, value)]] sharing their x."""
+    n = min(len(c) for c in curves)
+    xs = [curves[0][i][0] for i in range(n)]
+    ys = [[c[i][1] for c in curves] for i in range(n)]
+    ax.plot(xs, [statistics.mean(y) for y in ys], label=label)
+    if len(curves) > 1:
+        ax.fill_between(xs, [min(y) for y in ys], [max(y) for y in ys], alpha=0.25)
+
+
+def plot_curves(plt, runs, models):
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for model in models:
+        curves = [[(tokens, v) for tokens, it, v in r.curve if it > 0] for r in runs if r.model == model]
+        if curves:
+            band(ax, curves, model)
+    ax.set(xlabel="training tokens", ylabel="validation loss", title="Validation loss (band: min-max over seeds)")
+    return fig
+
+
+def plot_gaps(plt, runs):
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, a, b in GAPS:
+        curves = []
+        for run_a, run_b in pairs_by_seed(runs, a, b):
+            val_b = {it: v for _, it, v in run_b.curve}
+            curves.append([(tokens, v - val_b[it]) for tokens, it, v in run_a.curve if it > 0 and it in val_b])
+        if curves:
+            band(ax, curves, name)
+    if ax.lines:
+        ax.axhline(0, color="gray", lw=0.8)
+    ax.set(xlabel="training tokens", ylabel="validation loss gap", title="Gaps (positive: the first model is worse)")
+    return fig
+
+
+def plot_sweep(plt, runs, points, models):
+    """Best validation loss against the first swept key: one line per model and per value of the other keys."""
+    keys = list(points[0])
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    lines = {}
+    for point in points:
+        for model in models:
+            values = [r.best for r in runs if r.point == point and r.model == model and r.done]
+            if values:
+                rest = ",".join(f"{k}={point[k]}" for k in keys[1:])
+                lines.setdefault(" ".join(filter(None, [model, rest])), []).append(
+                    (point[keys[0]], statistics.mean(values), min(values), max(values)))
+    numeric = all(isinstance(p[keys[0]], (int, float)) for p in points)
+    for label, marks in lines.items():
+        xs = [x if numeric else str(x) for x, *_ in marks]
+        ax.errorbar(xs, [mean for _, mean, _, _ in marks], marker="o", capsize=3, label=label,
+                    yerr=[[mean - lo for _, mean, lo, _ in marks], [hi - mean for _, mean, _, hi in marks]])
+    if numeric and all(p[keys[0]] > 0 for p in points):
+        ax.set_xscale("log", base=2)
+    ax.set(xlabel=keys[0], ylabel="best validation loss", title="Sweep (bars: min-max over seeds)")
+    return fig
