@@ -189,6 +189,21 @@ def use_grouped_mm(device_type, capability, dtype, widths, n_experts, compiling)
     return fast_kernel or n_experts > GROUPED_MM_FALLBACK_SYNCS
 
 
+def empty_groups_get_gradients(device):
+    """Whether torch's grouped GEMM can give an expert that received no slots a non-zero weight gradient:
+    on SM100 (B200-class) GPUs in torch 2.13 (pytorch/pytorch#172439; Hopper and the CPU give zeros)."""
+    capability = cuda_capability(device)  # not torch.cuda.get_device_capability: it breaks the compiled graph
+    return capability is not None and capability[0] >= 10
+
+
+def slots_per_expert(experts, n_experts):
+    """(E,) int64: how many of the N*K slots chose each expert. A scatter-add into E zeros, not
+    torch.bincount, whose output length depends on the data: that costs a device-to-host sync on CUDA
+    and a graph break under torch.compile."""
+    flat = experts.flatten()
+    return torch.zeros(n_experts, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+
+
 class Experts(nn.Module):
     """The routed experts: SwiGLU MLPs whose weights are stacked (E, ...) so that one grouped
     GEMM runs them all. Heterogeneous experts are stored one stack per group of equal size."""
@@ -218,14 +233,19 @@ class Experts(nn.Module):
         w2 = torch.cat([F.pad(w, (0, 0, 0, H - w.shape[1])) for w in self.w2])
         return w1, w3, w2
 
-    def grouped(self, xs, offs, gate):
-        """All experts on their slots at once: xs (N*K, C) sorted by expert, offs (E,) int32 group ends,
+    def grouped(self, xs, load, gate):
+        """All experts on their slots at once: xs (N*K, C) sorted by expert, load (E,) slots per expert,
         gate (N*K,) each slot's routing weight. Returns gate * expert(xs), (N*K, C)."""
         w1, w3, w2 = self.stacked()
-        dtype = compute_dtype(xs)
-        xs, w1, w3, w2 = (t.to(dtype) for t in (xs, w1, w3, w2))  # grouped_mm is not autocast-aware
+        if empty_groups_get_gradients(xs.device):
+            # an expert with no slots must get a zero gradient: pass its weights through a where() (they
+            # are unused anyway), whose backward puts exact zeros there whatever the kernel wrote, NaN too
+            used = (load > 0)[:, None, None]  # (E, 1, 1)
+            w1, w3, w2 = (torch.where(used, w, 0.0) for w in (w1, w3, w2))
+        offs = load.cumsum(0).to(torch.int32)  # (E,) where each expert's group ends
+        w1, w3, w2 = (w.to(xs.dtype) for w in (w1, w3, w2))
         h = F.silu(F.grouped_mm(xs, w1, offs=offs)) * F.grouped_mm(xs, w3, offs=offs)  # (N*K, H)
-        gate = gate[:, None].to(dtype)
+        gate = gate[:, None].to(xs.dtype)
         if h.shape[1] < xs.shape[1]:  # gate * (h @ w2) = (gate * h) @ w2: scale the narrower tensor
             return F.grouped_mm(h * gate, w2, offs=offs)  # (N*K, C)
         return F.grouped_mm(h, w2, offs=offs) * gate
@@ -253,14 +273,17 @@ class MoE(nn.Module):
         B, T, C = x.shape
         x = x.reshape(B * T, C)  # (N, C)
         logits, scores, weights, experts = self.route(x)  # (N, E), (N, E), (N, K), (N, K)
+        load = slots_per_expert(experts, self.config.n_experts)  # (E,) slots per expert
         keep = self.within_capacity(experts, weights) if self.config.capacity_factor > 0 else None  # (N, K)
         if keep is not None:
             weights = weights * keep  # a dropped slot adds nothing: its token keeps only the residual
-        load = torch.bincount(experts.flatten(), minlength=self.config.n_experts).float()  # (E,) slots per expert
-        aux_loss, z_loss = self.router_losses(logits, scores, load)
-        counts = self.routing_counts(scores, load, keep)
-        dispatch = self.dispatch_grouped if self.use_grouped(x) else self.dispatch_loop
-        y = dispatch(x, weights.to(x.dtype), experts)  # (N, C) each token's K expert outputs, weighted and summed
+        aux_loss, z_loss = self.router_losses(logits, scores, load.float())
+        counts = self.routing_counts(scores, load.float(), keep)
+        # (N, C): each token's K expert outputs, weighted and summed
+        if self.use_grouped(x):
+            y = self.dispatch_grouped(x, weights.to(x.dtype), experts, load)
+        else:
+            y = self.dispatch_loop(x, weights.to(x.dtype), experts)
         if self.shared is not None:
             y = y + self.shared(x)
         return y.view(B, T, C), aux_loss, z_loss, counts
@@ -288,8 +311,8 @@ class MoE(nn.Module):
         flat_e, flat_w = experts.flatten(), weights.flatten()  # (N*K,)
         by_weight = flat_w.argsort(descending=True, stable=True)
         order = by_weight[flat_e[by_weight].argsort(stable=True)]  # by expert, then by weight descending
-        counts = torch.bincount(flat_e, minlength=E)  # (E,)
-        starts = counts.cumsum(0) - counts  # (E,) first sorted position of each expert
+        load = slots_per_expert(experts, E)  # (E,)
+        starts = load.cumsum(0) - load  # (E,) first sorted position of each expert
         rank = torch.empty_like(order)
         rank[order] = torch.arange(N * K, device=order.device) - starts[flat_e[order]]  # place in its queue
         return (rank < capacity).view(N, K)
@@ -321,15 +344,15 @@ class MoE(nn.Module):
                                   torch.compiler.is_compiling())
         return self.config.moe_impl == "grouped"
 
-    def dispatch_grouped(self, x, weights, experts):
+    def dispatch_grouped(self, x, weights, experts, load):
         """Sort the N*K slots by expert, run every expert in one grouped GEMM, scatter-add back.
         Shapes stay (N*K, ...) whatever the routing, so torch.compile traces it once."""
-        N, K = experts.shape
-        flat_e = experts.flatten()  # (N*K,)
-        order = flat_e.argsort(stable=True)  # (N*K,) slot ids grouped by expert
+        K = experts.shape[1]
+        order = experts.flatten().argsort(stable=True)  # (N*K,) slot ids grouped by expert
         token = order // K  # (N*K,) the token each sorted slot belongs to
-        offs = torch.bincount(flat_e, minlength=self.config.n_experts).cumsum(0).to(torch.int32)  # (E,) group ends
-        ys = self.experts.grouped(x.index_select(0, token), offs, weights.flatten()[order])  # (N*K, C) weighted
+        # F.embedding(token, x) is x[token]: on CPU its row gather is ~10x faster than index_select in fp32
+        xs = F.embedding(token, x).to(compute_dtype(x))  # (N*K, C); grouped_mm is not autocast-aware
+        ys = self.experts.grouped(xs, load, weights.flatten()[order])  # (N*K, C) weighted
         return torch.zeros_like(x).index_add_(0, token, ys.to(x.dtype))  # (N, C) sum over each token's K slots
 
     def dispatch_loop(self, x, weights, experts):
@@ -418,7 +441,9 @@ class GPT(nn.Module):
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
-        fused = device_type == "cuda"  # fused AdamW: one kernel for all parameters
+        # fused AdamW: one kernel for all parameters; on CPU ~5x faster than the per-tensor loop, which
+        # matters most for an MoE, whose optimizer step touches every expert's weights
+        fused = device_type in ("cuda", "cpu")
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
 
     @torch.no_grad()

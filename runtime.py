@@ -131,10 +131,10 @@ def weights_checksum(model):
 
 def use_compile(value, device):
     """The compile knob, the same in train.py and bench.py: "auto" (on for CUDA), "true" or "false"."""
-    value = value.lower()
-    if value not in ("auto", "true", "false"):
+    choice = value.lower()
+    if choice not in ("auto", "true", "false"):
         raise UserError(f"compile must be 'auto', 'true' or 'false', got {value!r}")
-    return device.type == "cuda" if value == "auto" else value == "true"
+    return device.type == "cuda" if choice == "auto" else choice == "true"
 
 
 def compile_model(model, fullgraph=False):
