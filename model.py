@@ -156,22 +156,44 @@ def compute_dtype(x):
     return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
 
 
-def grouped_mm_works(device, dtype, widths):
-    """Whether torch's grouped GEMM can run here: on CPU in fp32 or bf16 eagerly but only bf16
-    under torch.compile (torch 2.13); on CUDA in bf16 from Ampere (SM 8.0) on, with every matrix
-    width (n_embd, expert hidden sizes) a multiple of 8, as its kernels need 16-byte aligned rows."""
-    if device.type == "cpu":
-        return dtype == torch.bfloat16 or (dtype == torch.float32 and not torch.compiler.is_compiling())
-    if device.type == "cuda":
-        return (dtype == torch.bfloat16 and torch.cuda.get_device_capability(device)[0] >= 8
-                and all(w % 8 == 0 for w in widths))
-    return False
+GROUPED_MM_FALLBACK_SYNCS = 9  # host syncs per MoE layer and step in grouped_mm's fallback: 3 GEMMs, 2 each backward
+
+
+@torch.compiler.assume_constant_result  # dynamo cannot trace a CUDA query: it calls this once and keeps the answer
+def cuda_capability(device):
+    """The compute capability (major, minor) of a CUDA device; None elsewhere and on ROCm, whose grouped
+    GEMM torch 2.13 runs through the fallback unless an environment variable turns its kernel on."""
+    if device.type != "cuda" or torch.version.hip:
+        return None
+    return torch.cuda.get_device_capability(device)
+
+
+def use_grouped_mm(device_type, capability, dtype, widths, n_experts, compiling):
+    """Whether moe_impl="auto" runs the experts as one grouped GEMM rather than the per-expert loop, from
+    the device type, its CUDA capability (cuda_capability), the dtype matmuls run in, the matrix widths
+    (n_embd and the expert hidden sizes), n_experts, and whether torch.compile is tracing. In torch 2.13:
+    - grouped_mm needs rows aligned to 16 bytes on every device, and compiled it takes bf16 only;
+    - on CPU it beats the loop (README, Performance);
+    - on CUDA, _grouped_mm_cuda (aten/src/ATen/native/cuda/GroupedBlas.cpp) runs its fused CUTLASS kernel
+      for bf16 when the capability's major is 9 or 10 (_scaled_mm_allowed_device(sm90_only, sm100_only):
+      H100, H200, B200, GB200); on every other GPU _grouped_mm_fallback copies the group ends to the host
+      and runs one matmul per expert, GROUPED_MM_FALLBACK_SYNCS syncs per layer and step where the loop
+      syncs once per expert (torch.where). So the loop, unless there are more experts than that."""
+    runs = all(w * dtype.itemsize % 16 == 0 for w in widths) and (
+        dtype == torch.bfloat16 or (dtype == torch.float32 and not compiling))
+    if not runs or device_type not in ("cpu", "cuda"):
+        return False
+    if device_type == "cpu":
+        return True
+    fast_kernel = dtype == torch.bfloat16 and capability is not None and capability[0] in (9, 10)
+    return fast_kernel or n_experts > GROUPED_MM_FALLBACK_SYNCS
 
 
 def empty_groups_get_gradients(device):
     """Whether torch's grouped GEMM can give an expert that received no slots a non-zero weight gradient:
     on SM100 (B200-class) GPUs in torch 2.13 (pytorch/pytorch#172439; Hopper and the CPU give zeros)."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 10
+    capability = cuda_capability(device)  # not torch.cuda.get_device_capability: it breaks the compiled graph
+    return capability is not None and capability[0] >= 10
 
 
 def slots_per_expert(experts, n_experts):
@@ -317,7 +339,9 @@ class MoE(nn.Module):
 
     def use_grouped(self, x):
         if self.config.moe_impl == "auto":
-            return grouped_mm_works(x.device, compute_dtype(x), [x.shape[1], *self.config.expert_sizes])
+            return use_grouped_mm(x.device.type, cuda_capability(x.device), compute_dtype(x),
+                                  [x.shape[1], *self.config.expert_sizes], self.config.n_experts,
+                                  torch.compiler.is_compiling())
         return self.config.moe_impl == "grouped"
 
     def dispatch_grouped(self, x, weights, experts, load):

@@ -70,24 +70,40 @@ def pick_device(name):
     return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
 
 
-def setup_system(device, dtype):
-    """The System from the device and dtype knobs and torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE);
-    several processes join one process group (nccl on CUDA, gloo elsewhere)."""
+def native_bf16(device):
+    """Whether device computes in bf16 natively: CUDA GPUs from Ampere (SM 8.0) on. Without the argument,
+    torch.cuda.is_bf16_supported() also says yes where bf16 is only emulated, slowly (V100, T4)."""
+    return device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+
+
+def pick_dtype(dtype, bf16):
+    """The torch dtype of the dtype knob: "auto" is bfloat16 where the device has it natively (bf16), else
+    float32 (fp16 would need a loss scaler, which train.py does not have)."""
     if dtype not in ("auto", "float32", "bfloat16"):
         raise UserError(f"dtype must be 'auto', 'float32' or 'bfloat16', got {dtype!r}")
+    if dtype == "auto":
+        dtype = "bfloat16" if bf16 else "float32"
+    return getattr(torch, dtype)
+
+
+def setup_system(device, dtype):
+    """The System from the device and dtype knobs and torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE);
+    several processes join one process group: nccl on CUDA, bound to the process's GPU (so that barriers
+    and object collectives use it), gloo elsewhere."""
     name = pick_device(device)
     rank, world = 0, 1
     if int(os.environ.get("RANK", -1)) != -1:
         rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
-        dist.init_process_group(backend="nccl" if name.startswith("cuda") else "gloo")
-        if name.startswith("cuda"):
-            name = f"cuda:{local_rank}"
-            torch.cuda.set_device(name)
+        name = f"cuda:{local_rank}" if name.startswith("cuda") else name
     device = torch.device(name)
-    if dtype == "auto":
-        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        dtype = "bfloat16" if bf16 else "float32"
-    dtype = getattr(torch, dtype)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)  # where this process's CUDA work goes by default
+    dtype = pick_dtype(dtype, native_bf16(device))  # a wrong dtype knob stops before any process group exists
+    if world > 1:
+        if device.type == "cuda":
+            dist.init_process_group(backend="nccl", device_id=device)
+        else:
+            dist.init_process_group(backend="gloo")
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
     return System(device, dtype, autocast, rank, world)
 
@@ -244,6 +260,16 @@ class StopFlag:
             raise SystemExit(130)
         self.set = True
         print0(f"{signal.Signals(signum).name}: stopping after this step (send it again to stop at once)")
+
+    def anywhere(self, system):
+        """Whether any process was signalled. With several processes it is a collective that every process
+        calls after every step, so that all stop after the same one; its tensor is on the process's device,
+        as nccl reduces CUDA tensors only."""
+        if system.world == 1:
+            return self.set
+        flag = torch.tensor(float(self.set), device=system.device)
+        dist.all_reduce(flag)
+        return flag.item() > 0
 
     def restore(self):
         for sig, handler in self.previous.items():

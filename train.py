@@ -22,7 +22,6 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 from configurator import UserError, configure
@@ -78,7 +77,7 @@ min_lr = 1e-4
 max_bad_steps = 5  # stop after this many steps in a row with a non-finite loss or gradient
 # system
 device = "auto"  # "auto" (cuda, then mps, then cpu) or a torch device like "cpu", "cuda:1"
-dtype = "auto"  # "auto" (bfloat16 autocast where CUDA supports it, else float32), "float32", "bfloat16"
+dtype = "auto"  # "auto" (bfloat16 autocast on GPUs with native bf16, else float32), "float32", "bfloat16"
 compile = "auto"  # torch.compile the model: "auto" (on for CUDA), "true" or "false"
 seed = 1337  # model init and data order
 # -----------------------------------------------------------------------------
@@ -388,10 +387,7 @@ def train(cfg):
                                           "skipped_steps": progress.skipped_steps})
 
             # --- stop cleanly on SIGINT / SIGTERM ---
-            stop_now = torch.tensor(float(stop.set))
-            if world > 1:
-                dist.all_reduce(stop_now)  # every process stops after the same step
-            if stop_now.item():
+            if stop.anywhere(system):  # every process stops after the same step
                 write_checkpoint(ckpt_path, about, raw_model, optimizer, progress, data_rng, system)
                 print0(f"stopped at iteration {it}, checkpoint written: continue with the same command "
                        f"and --init_from=resume")
