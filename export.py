@@ -280,6 +280,8 @@ def export(out_dir, to, overwrite=False):
         os.makedirs(to, exist_ok=True)
         for name in os.listdir(tmp):
             os.replace(os.path.join(tmp, name), os.path.join(to, name))
+    except OSError as e:
+        raise UserError(f"could not write {to}: {e.strerror or e}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return type(loaded).__name__, diff

@@ -4,6 +4,7 @@ with one line."""
 
 import importlib.util
 import os
+import sys
 from dataclasses import asdict
 
 import pytest
@@ -96,6 +97,13 @@ def test_refusal_is_one_line(tmp_path, bpe_spec):
         export.export(str(tmp_path / "nothing"), "")
 
 
+def test_missing_transformers_gives_install_hint(tmp_path, bpe_spec, monkeypatch):
+    save_checkpoint(str(tmp_path / "ckpt.pt"), tiny_model(400), bpe_spec)
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers now raises ImportError
+    with pytest.raises(UserError, match="pip install transformers==5.24.0 safetensors==0.8.0"):
+        export.export(str(tmp_path), str(tmp_path / "hf"))
+
+
 # -----------------------------------------------------------------------------
 # exports, loaded back with transformers
 
@@ -173,6 +181,9 @@ def check_tokenizer(enc, tmp_path, text):
         ids = tokenizer(s)["input_ids"]
         assert ids == enc.encode(s, allowed_special="all"), s[:40]
         assert tokenizer.decode(ids) == s
+    # the text of every token, each encoded alone
+    texts = [enc.decode([i]) for i in range(enc.n_vocab)]
+    assert tokenizer(texts)["input_ids"] == enc.encode_batch(texts, allowed_special="all")
 
 
 @needs_transformers
