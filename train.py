@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from configurator import UserError, configure, usage
 from model import GPT, GPTConfig, count_params, match_dense, model_fields
-from prepare import load_spec
+from prepare import CORPORA, load_spec
 from report import param_table
 from runtime import (
     StopFlag,
@@ -111,15 +111,15 @@ class Progress:
 
 
 def resolve_models(cfg, data_dir, state):
-    """(configured, trained, match): the configured GPTConfig, the one to train and the match knob; on
-    resume, the checkpointed run's, whatever the config says now. vocab_size 0 takes the dataset's."""
+    """(configured, trained, match, vocab_source): the configured GPTConfig, the one to train, the match knob
+    and where vocab_size came from; on resume, the checkpointed run's, whatever the config says now."""
     if state is not None:
+        cfg.vocab_size = state["config"]["vocab_size"]  # as resolved at the start, for the next resume too
         configured, _ = model_configs(SimpleNamespace(**state["config"]))
-        return configured, GPTConfig(**state["model_args"]), state["config"]["match"]
+        return configured, GPTConfig(**state["model_args"]), state["config"]["match"], "the resumed run's"
     cfg.vocab_size, source = model_vocab(cfg, data_dir)
-    print0(f"vocab_size {cfg.vocab_size:,}: {source}")
     configured, trained = model_configs(cfg)
-    return configured, trained, cfg.match
+    return configured, trained, cfg.match, source
 
 
 def model_vocab(cfg, data_dir):
@@ -169,8 +169,9 @@ def models_involved(configured, match):
 def load_meta(data_dir, dataset_name):
     path = os.path.join(data_dir, "meta.json")
     if not os.path.exists(path):
-        raise UserError(f"dataset {dataset_name!r} not found at {data_dir}: run `python prepare.py` (TinyStories) "
-                        f"or `python prepare.py --input FILE.txt --name {dataset_name}` first")
+        source = f"--corpus={dataset_name}" if dataset_name in CORPORA else f"--input=FILE.txt --name={dataset_name}"
+        raise UserError(f"dataset {dataset_name!r} not found at {data_dir}: make it with `python prepare.py {source}` "
+                        f"(a config file's comment gives the whole command), or point --data_root where it is")
     return json.load(open(path))
 
 
@@ -304,12 +305,13 @@ def train(cfg):
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     log_path = os.path.join(cfg.out_dir, "metrics.jsonl")
     state = load_checkpoint(ckpt_path) if cfg.init_from == "resume" else None
-    configured, model_config, match = resolve_models(cfg, data_dir, state)
+    configured, model_config, match, vocab_source = resolve_models(cfg, data_dir, state)
     block_size = model_config.block_size  # T, the context length
     print0(param_table(models_involved(configured, match)))
     if configured.n_experts > 0:
         print0("active = what one token uses, the router and K of the E experts included; "
                "mismatch = a dense total against the MoE's count")
+    print0(f"vocab_size {model_config.vocab_size:,}: {vocab_source}")
     if cfg.dry_run:
         return None
 

@@ -121,6 +121,8 @@ def test_a_run_ends_with_a_summary_whose_commands_work(data_root, tmp_path):
     assert r.returncode == 0, r.stderr
     assert f"resumed from iteration 3 of {out / 'ckpt.pt'}" in r.stdout
     assert r.stdout.strip().splitlines()[-1].startswith("finished 6 iterations in ")
+    state = torch.load(out / "ckpt.pt", weights_only=True)  # the vocabulary resolved at the start stays, for
+    assert state["config"]["vocab_size"] == state["model_args"]["vocab_size"] > 0  # the next resume's table
     sample_command = shlex.split(summary.split("sample: ")[1].split(";")[0])
     r = run_script(*sample_command[1:], "--max_new_tokens=5", "--num_samples=1")
     assert r.returncode == 0 and r.stdout.strip(), r.stderr
