@@ -19,6 +19,7 @@ every run.
 
 import itertools
 import os
+import re
 import subprocess
 import sys
 import time
@@ -116,8 +117,11 @@ def run_log(run):
 
 
 def logged_iter(run):
-    """The last iteration the run has logged (0 before it starts)."""
-    return max((r.get("iter", 0) for r in run_log(run)), default=0)
+    """The last iteration the run has logged (0 before it starts); read while the run may be writing, so a
+    record only partly written does not count."""
+    path = os.path.join(run.out_dir, "metrics.jsonl")
+    text = open(path).read() if os.path.exists(path) else ""
+    return max(map(int, re.findall(r'"iter": (\d+)[,}]', text)), default=0)
 
 
 def finished(run):
@@ -143,6 +147,11 @@ def execute(runs, jobs):
     total = sum(r.max_iters - first[r.out_dir] for r in todo)  # optimizer steps to run, in all
     done_steps, done_runs, t_start, t_said = 0, 0, time.time(), time.time()
     running = []  # (run, process, start time)
+
+    def standing():  # runs and steps done (those of the running runs too), and the time left
+        steps = done_steps + sum(logged_iter(r) - first[r.out_dir] for r, _, _ in running)
+        return progress(done_runs, len(todo), steps, total, time.time() - t_start)
+
     queue = list(todo)
     while queue or running:
         while queue and len(running) < jobs:
@@ -167,15 +176,12 @@ def execute(runs, jobs):
                                 f"same command again to continue")
             done_steps += run.max_iters - first[run.out_dir]
             done_runs += 1
-            steps = done_steps + sum(logged_iter(r) - first[r.out_dir] for r, _, _ in running)
-            print(f"done  {run.label} seed {run.seed} in {duration(time.time() - t0)}; "
-                  f"{progress(done_runs, len(todo), steps, total, time.time() - t_start)}")
+            print(f"done  {run.label} seed {run.seed} in {duration(time.time() - t0)}; {standing()}")
             t_said = time.time()
         if running and time.time() - t_said >= PROGRESS_SECONDS:
-            steps = done_steps + sum(logged_iter(r) - first[r.out_dir] for r, _, _ in running)
             now = ", ".join(f"{r.label} seed {r.seed} at iteration {logged_iter(r)} of {r.max_iters}"
                             for r, _, _ in running)
-            print(f"      {now}; {progress(done_runs, len(todo), steps, total, time.time() - t_start)}")
+            print(f"      {now}; {standing()}")
             t_said = time.time()
 
 
