@@ -5,6 +5,7 @@ same active parameters, in one run, so that machine noise hits all models alike.
     python bench.py --quick                   # small shapes, under 2 minutes on a 2-core CPU
     python bench.py                           # the shapes of config/moe_e4k2.py
     python bench.py --compile=true --dtype=bfloat16 --json_path=bench.json
+    python bench.py --help                    # every knob, its default and what it does
 
 Models: dense-active (matched to E4k2's active parameters), E4k2, and the fine-grained E16k4 and
 E64k8 whose experts are 1/2 and 1/4 as wide, so K * expert_hidden and hence the active parameters
@@ -26,7 +27,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from configurator import UserError, configure
+from configurator import UserError, configure, usage
 from model import GPT, GPTConfig, count_params, match_dense
 from runtime import compile_model, keep_freed_memory, use_compile
 from train import get_batch  # what the data cost measures
@@ -148,16 +149,20 @@ def data_cost(batch_size, block_size, device):
         os.remove(path)
 
 
-def time_steps(runners, warmup, repeats):
+def time_steps(runners, labels, warmup, repeats):
     """Per runner, the seconds of `repeats` training steps after `warmup` untimed ones. Interleaved: each
     round times every model once, so that the machine's slow and fast moments hit all models alike."""
-    for runner in runners:
+    for runner, label in zip(runners, labels):
+        t = time.perf_counter()
         for _ in range(warmup):
             runner.step()
+        print(f"warm-up of {label}: {warmup} steps in {time.perf_counter() - t:.1f}s")
     times = [[] for _ in runners]
-    for _ in range(repeats):
+    for i in range(repeats):
         for runner, runner_times in zip(runners, times):
             runner_times.append(runner.step())
+        print(f"timed round {i + 1} of {repeats}: " + ", ".join(f"{label} {runner_times[-1] * 1000:.0f}ms"
+                                                               for label, runner_times in zip(labels, times)))
     return times
 
 
@@ -177,11 +182,13 @@ def run(cfg):
         f"CPU, {torch.get_num_threads()} threads"
     print(f"{machine}, torch {torch.__version__}, {cfg.dtype}, batch {batch_size} x {moe.block_size} tokens, "
           f"{moe.n_layer} layers of width {moe.n_embd}, vocab {moe.vocab_size}")
-    times = time_steps([Runner(model_cfg, compiled, batch_size, device, dtype) for _, model_cfg in models],
+    labels = [f"{name} {model_cfg.moe_impl}" if model_cfg.n_experts else name for name, model_cfg in models]
+    times = time_steps([Runner(model_cfg, compiled, batch_size, device, dtype) for _, model_cfg in models], labels,
                        cfg.warmup, cfg.repeats)
     peak_flops = next((v for k, v in PEAK_BF16_FLOPS.items() if k in machine), None)
     results = []
-    for (name, model_cfg), model_times in zip(models, times):
+    for (name, model_cfg), label, model_times in zip(models, labels, times):
+        print(f"peak memory of {label}...")
         seconds = statistics.median(model_times)
         tokens_per_s = batch_size * model_cfg.block_size / seconds
         results.append({
@@ -220,6 +227,10 @@ def table(results):
 
 
 def main(argv):
+    if "-h" in argv or "--help" in argv:
+        print(usage(__doc__, {k: globals()[k] for k in KEYS}, [__file__]))
+        return
+    sys.stdout.reconfigure(line_buffering=True)  # each line as it is printed, into a file or pipe too
     try:
         run(SimpleNamespace(**configure(argv, {k: globals()[k] for k in KEYS})))
     except UserError as e:

@@ -10,13 +10,16 @@ then write out/<name>/report.md with tables, curves.png and gaps.png (report.py 
     python experiment.py config/cpu_moe.py --sweep="max_iters=500,1000,2000" --match=both  # tokens/param
     python experiment.py config/cpu_moe.py --sweep="n_experts=4,8;top_k=1,2"      # a grid
 
-Runs go to out/<name>/<model>-s<seed>/ (with any sweep values in the name); finished runs are
-skipped and interrupted ones resumed, so the same command continues an experiment. Any train.py
-knob can be given too (--max_iters=..., --device=...): it applies to every run.
+Runs go to out/<name>/<model>-s<seed>/ (with any sweep values in the name; out/ in the current
+directory), each with its train.log; finished runs are skipped and interrupted ones resumed, so the same
+command continues an experiment. Progress and the time left are printed at least every minute. Any train.py
+knob can be given too (--max_iters=..., --device=...; `python train.py --help` lists them): it applies to
+every run.
 """
 
 import itertools
 import os
+import re
 import subprocess
 import sys
 import time
@@ -24,9 +27,9 @@ from dataclasses import dataclass, field, replace
 from types import SimpleNamespace
 
 import train
-from configurator import UserError, configure
+from configurator import UserError, configure, usage
 from report import point_label, write_report
-from runtime import ROOT, read_log
+from runtime import ROOT, duration, read_log
 
 # -----------------------------------------------------------------------------
 name = ""  # out/<name>/ holds the runs and the report; default: the config file's name (+ the sweep)
@@ -39,6 +42,7 @@ report_only = False  # only rewrite the report from the runs already in out/<nam
 # -----------------------------------------------------------------------------
 EXPERIMENT_KEYS = [k for k, v in list(globals().items()) if not k.startswith("_") and k.islower()
                    and isinstance(v, (int, float, bool, str))]
+PROGRESS_SECONDS = 60  # while runs go, a progress line at least this often
 BASELINES = {"both": ["dense-active", "dense-total"], "active": ["dense-active"], "total": ["dense-total"], "none": []}
 
 
@@ -112,6 +116,14 @@ def run_log(run):
     return read_log(os.path.join(run.out_dir, "metrics.jsonl"))
 
 
+def logged_iter(run):
+    """The last iteration the run has logged (0 before it starts); read while the run may be writing, so a
+    record only partly written does not count."""
+    path = os.path.join(run.out_dir, "metrics.jsonl")
+    text = open(path).read() if os.path.exists(path) else ""
+    return max(map(int, re.findall(r'"iter": (\d+)[,}]', text)), default=0)
+
+
 def finished(run):
     """Whether the run has evaluated at its last step (so a larger max_iters continues finished runs)."""
     return any("val_loss" in r and r["iter"] == run.max_iters for r in run_log(run))
@@ -124,19 +136,30 @@ def command(run):
 
 
 def execute(runs, jobs):
-    """Run what is not finished yet, `jobs` at a time; a failed run stops the experiment."""
+    """Run what is not finished yet, `jobs` at a time, printing progress and the time left; a failed run stops
+    the experiment."""
     todo = [r for r in runs if not finished(r)]
     print(f"{len(runs) - len(todo)} of {len(runs)} runs already finished; {len(todo)} to go")
     env = dict(os.environ)
     if jobs > 1:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
+    first = {r.out_dir: logged_iter(r) for r in todo}  # where each run starts (a resumed one, past 0)
+    total = sum(r.max_iters - first[r.out_dir] for r in todo)  # optimizer steps to run, in all
+    done_steps, done_runs, t_start, t_said = 0, 0, time.time(), time.time()
     running = []  # (run, process, start time)
-    while todo or running:
-        while todo and len(running) < jobs:
-            run = todo.pop(0)
+
+    def standing():  # runs and steps done (those of the running runs too), and the time left
+        steps = done_steps + sum(logged_iter(r) - first[r.out_dir] for r, _, _ in running)
+        return progress(done_runs, len(todo), steps, total, time.time() - t_start)
+
+    queue = list(todo)
+    while queue or running:
+        while queue and len(running) < jobs:
+            run = queue.pop(0)
             os.makedirs(run.out_dir, exist_ok=True)
             log = open(os.path.join(run.out_dir, "train.log"), "a")
-            print(f"start {run.label} seed {run.seed}: {' '.join(command(run)[1:])}")
+            print(f"start {run.label} seed {run.seed} ({len(todo) - len(queue)} of {len(todo)}, log in "
+                  f"{run.out_dir}/train.log): {' '.join(command(run)[1:])}")
             running.append((run, subprocess.Popen(command(run), stdout=log, stderr=subprocess.STDOUT, env=env),
                             time.time()))
         time.sleep(1)
@@ -151,7 +174,29 @@ def execute(runs, jobs):
                 tail = open(os.path.join(run.out_dir, "train.log")).read().strip().splitlines()[-1:]
                 raise UserError(f"run {run.out_dir} failed ({tail[0] if tail else 'no output'}); fix it and run the "
                                 f"same command again to continue")
-            print(f"done  {run.label} seed {run.seed} in {time.time() - t0:.0f}s")
+            done_steps += run.max_iters - first[run.out_dir]
+            done_runs += 1
+            print(f"done  {run.label} seed {run.seed} in {duration(time.time() - t0)}; {standing()}")
+            t_said = time.time()
+        if running and time.time() - t_said >= PROGRESS_SECONDS:
+            now = ", ".join(f"{r.label} seed {r.seed} at iteration {logged_iter(r)} of {r.max_iters}"
+                            for r, _, _ in running)
+            print(f"      {now}; {standing()}")
+            t_said = time.time()
+
+
+def progress(done_runs, n_runs, steps, total, seconds):
+    """'2 of 6 runs done, 1,200 of 3,000 steps, about 4.5 min left': the time left at the pace so far."""
+    left = f", about {duration(seconds / steps * (total - steps))} left" if steps else ""
+    return f"{done_runs} of {n_runs} runs done, {steps:,} of {total:,} steps{left}"
+
+
+def warmup_warnings(cfg, runs):
+    """Runs that end before their learning-rate warmup does (as a sweep over max_iters may make some): one
+    warning line for each such pair of max_iters and warmup_iters."""
+    pairs = dict.fromkeys((r.max_iters, r.overrides.get("warmup_iters", cfg.warmup_iters)) for r in runs)
+    return [f"warning: max_iters={m} is below warmup_iters={w}: those runs end while the learning rate still "
+            f"warms up, at {m / (w + 1):.0%} of learning_rate" for m, w in pairs if m < w]
 
 
 def collect(runs):
@@ -171,6 +216,10 @@ def collect(runs):
 
 
 def main(argv):
+    if "-h" in argv or "--help" in argv:
+        print(usage(__doc__, {k: globals()[k] for k in EXPERIMENT_KEYS}, [__file__]))
+        return
+    sys.stdout.reconfigure(line_buffering=True)  # each line as it is printed, into a file or pipe too
     try:
         defaults = {**train.defaults(), **{k: globals()[k] for k in EXPERIMENT_KEYS}}
         cfg = SimpleNamespace(**configure(argv, defaults))
@@ -191,6 +240,8 @@ def main(argv):
         runs = plan(cfg, points, train_args, exp_dir)
         for r in runs:  # every variant must be a valid model that can be matched, before any training
             configured_model(cfg, match_of(r.model), **r.overrides)
+        for line in warmup_warnings(cfg, runs):
+            print(line)
         t0 = time.time()
         if not cfg.report_only:
             execute(runs, cfg.jobs)

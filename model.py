@@ -28,12 +28,12 @@ class GPTConfig:
     # --- the decoder ---
     block_size: int = 256  # context length in tokens
     vocab_size: int = 0  # 0: train.py takes it from the dataset's meta.json; may be set larger
-    n_layer: int = 6
-    n_head: int = 8
+    n_layer: int = 6  # transformer blocks
+    n_head: int = 8  # attention heads per block
     n_embd: int = 256  # model width C; head size n_embd / n_head must be even (rotary)
     ffn_hidden: int = 0  # dense SwiGLU hidden size; 0: LLaMA's 8/3 * n_embd rounded up to 16
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0  # base of the rotary embeddings' frequencies
+    norm_eps: float = 1e-5  # epsilon of RMSNorm
     tie_embeddings: bool = True  # share the token embedding with the output layer
     # --- Mixture of Experts (used when n_experts > 0) ---
     n_experts: int = 0  # routed experts E per layer; 0: dense model

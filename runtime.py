@@ -33,6 +33,13 @@ def print0(*args, **kwargs):
         tqdm.write(" ".join(str(a) for a in args), **kwargs)
 
 
+def duration(seconds):
+    """A wall time for people: '42s', '12.5 min', '3.2 h'."""
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
 def code_version():
     """The git commit of this code, for logs and reports."""
     try:

@@ -3,6 +3,7 @@ Sample text from a trained model, or show which experts the tokens of a prompt a
 
     python sample.py --out_dir=out/cpu_moe --start="ROMEO:"
     python sample.py --out_dir=out/cpu_moe --start="ROMEO: What light" --show_routing=True --layer=2
+    python sample.py --help    # every knob, its default and what it does
 """
 
 import sys
@@ -11,7 +12,7 @@ from types import SimpleNamespace
 
 import torch
 
-from configurator import UserError, configure
+from configurator import UserError, configure, usage
 from model import GPT, GPTConfig
 from prepare import encoding
 from runtime import load_checkpoint, load_weights, pick_device
@@ -23,7 +24,7 @@ num_samples = 3  # samples to draw
 max_new_tokens = 200  # tokens per sample
 temperature = 0.8  # < 1 sharper, > 1 more random
 top_k = 200  # sample among the k most likely tokens only; 0: all
-seed = 1337
+seed = 1337  # of the sampling, so that the same command draws the same text
 device = "auto"  # "auto" (cuda, then mps, then cpu) or a torch device like "cpu", "cuda:1"
 show_routing = False  # instead of sampling, print the experts each prompt token goes to in `layer`
 layer = 0  # which MoE layer --show_routing shows
@@ -72,6 +73,9 @@ def print_routing(tokens, experts, weights, layer, n_experts):
 
 
 def main(argv):
+    if "-h" in argv or "--help" in argv:
+        print(usage(__doc__, {k: globals()[k] for k in KEYS}, [__file__]))
+        return
     try:
         cfg = SimpleNamespace(**configure(argv, {k: globals()[k] for k in KEYS}))
         device = pick_device(cfg.device)

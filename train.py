@@ -6,14 +6,17 @@ Train a dense or Mixture-of-Experts GPT on a dataset made by prepare.py.
     python train.py config/moe_e4k2.py --dry_run=True       # just the parameter table
     python train.py config/cpu_moe.py                       # a few minutes on a laptop CPU
     python train.py config/moe_e4k2.py --init_from=resume   # continue from out_dir/ckpt.pt
-    torchrun --standalone --nproc_per_node=4 train.py config/moe_e4k2.py
+    torchrun --standalone --nproc_per_node=2 train.py config/moe_e4k2.py  # 2 processes (GPUs, or CPU with gloo)
+    python train.py --help                                  # every knob, its default and what it does
 
 Every knob below (and every GPTConfig field in model.py) can be set by a config file or --key=value.
+Relative paths (config files, out_dir, data_root) are taken from the current directory.
 """
 
 import json
 import math
 import os
+import shlex
 import sys
 import time
 from contextlib import nullcontext
@@ -24,9 +27,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from configurator import UserError, configure
+from configurator import UserError, configure, usage
 from model import GPT, GPTConfig, count_params, match_dense, model_fields
-from prepare import load_spec
+from prepare import CORPORA, load_spec
 from report import param_table
 from runtime import (
     StopFlag,
@@ -34,6 +37,7 @@ from runtime import (
     check_out_dir,
     code_version,
     compile_model,
+    duration,
     end_processes,
     keep_freed_memory,
     load_checkpoint,
@@ -47,12 +51,13 @@ from runtime import (
 )
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+GPT2_VOCAB = 50257  # tokens of GPT-2's tokenizer, prepare.py's default
 
 # -----------------------------------------------------------------------------
 # config: defaults, overridden by config files and --key=value (see configurator.py)
 # I/O
 out_dir = "out"  # checkpoint (ckpt.pt) and metrics (metrics.jsonl) go here
-data_root = os.path.join(ROOT, "data")  # where prepare.py writes dataset folders
+data_root = "data"  # where prepare.py writes dataset folders
 dataset = "tinystories"  # data_root/<dataset>/{train.bin, val.bin, meta.json}
 init_from = "scratch"  # "scratch" or "resume" (from out_dir/ckpt.pt)
 overwrite = False  # let a fresh run replace the checkpoint of an earlier run in out_dir
@@ -63,17 +68,17 @@ dry_run = False  # print the parameter table and exit
 match = "none"  # "active" or "total": train the dense model matched to the configured MoE
 # data
 batch_size = 32  # sequences per micro-step, per process
-gradient_accumulation_steps = 1  # micro-steps per optimizer step, over all processes together
+gradient_accumulation_steps = 1  # micro-steps per optimizer step, over all processes (rounded up to a multiple)
 # AdamW and schedule: linear warmup, then cosine decay to min_lr
-learning_rate = 1e-3
+learning_rate = 1e-3  # peak learning rate, reached after warmup_iters
 max_iters = 5000  # optimizer steps
 weight_decay = 0.1  # on matrices only
-beta1 = 0.9
-beta2 = 0.95
+beta1 = 0.9  # AdamW's first-moment decay
+beta2 = 0.95  # AdamW's second-moment decay
 grad_clip = 1.0  # clip the global gradient norm to this; 0: no clipping
-warmup_iters = 100
+warmup_iters = 100  # iterations of linear warmup from 0 to learning_rate
 lr_decay_iters = 0  # iterations of cosine decay; 0: max_iters
-min_lr = 1e-4
+min_lr = 1e-4  # the learning rate at the end of the decay
 max_bad_steps = 5  # stop after this many steps in a row with a non-finite loss or gradient
 # system
 device = "auto"  # "auto" (cuda, then mps, then cpu) or a torch device like "cpu", "cuda:1"
@@ -81,10 +86,6 @@ dtype = "auto"  # "auto" (bfloat16 autocast on GPUs with native bf16, else float
 compile = "auto"  # torch.compile the model: "auto" (on for CUDA), "true" or "false"
 seed = 1337  # model init and data order
 # -----------------------------------------------------------------------------
-TRAIN_KEYS = [k for k, v in list(globals().items()) if not k.startswith("_") and k.islower()
-              and isinstance(v, (int, float, bool, str))]
-
-
 TRAIN_KEYS = [k for k, v in list(globals().items()) if not k.startswith("_") and k.islower()
               and isinstance(v, (int, float, bool, str))]
 
@@ -109,15 +110,28 @@ class Progress:
 
 
 def resolve_models(cfg, data_dir, state):
-    """(configured, trained, match): the configured GPTConfig, the one to train and the match knob; on
-    resume, the checkpointed run's, whatever the config says now. vocab_size 0 takes the dataset's."""
+    """(configured, trained, match, vocab_source): the configured GPTConfig, the one to train, the match knob
+    and where vocab_size came from; on resume, the checkpointed run's, whatever the config says now."""
     if state is not None:
+        cfg.vocab_size = state["config"]["vocab_size"]  # as resolved at the start, for the next resume too
         configured, _ = model_configs(SimpleNamespace(**state["config"]))
-        return configured, GPTConfig(**state["model_args"]), state["config"]["match"]
-    if cfg.vocab_size == 0:
-        cfg.vocab_size = load_meta(data_dir, cfg.dataset)["vocab_size"]
+        return configured, GPTConfig(**state["model_args"]), state["config"]["match"], "the resumed run's"
+    cfg.vocab_size, source = model_vocab(cfg, data_dir)
     configured, trained = model_configs(cfg)
-    return configured, trained, cfg.match
+    return configured, trained, cfg.match, source
+
+
+def model_vocab(cfg, data_dir):
+    """(vocab_size, where it comes from) of a fresh run: the config's vocab_size if set, else the dataset's.
+    A dry run without the dataset counts with GPT-2's, prepare.py's default, so that the parameter table
+    needs no download."""
+    meta_path = os.path.join(data_dir, "meta.json")
+    if cfg.vocab_size:
+        return cfg.vocab_size, "set in the config or on the command line"
+    if cfg.dry_run and not os.path.exists(meta_path):
+        return GPT2_VOCAB, (f"GPT-2's tokenizer, as no dataset is at {data_dir} yet "
+                            f"(--vocab_size=N counts with another)")
+    return load_meta(data_dir, cfg.dataset)["vocab_size"], f"from {meta_path}"
 
 
 def model_configs(cfg):
@@ -154,8 +168,9 @@ def models_involved(configured, match):
 def load_meta(data_dir, dataset_name):
     path = os.path.join(data_dir, "meta.json")
     if not os.path.exists(path):
-        raise UserError(f"dataset {dataset_name!r} not found at {data_dir}: run `python prepare.py` (TinyStories) "
-                        f"or `python prepare.py --input FILE.txt --name {dataset_name}` first")
+        source = f"--corpus={dataset_name}" if dataset_name in CORPORA else f"--input=FILE.txt --name={dataset_name}"
+        raise UserError(f"dataset {dataset_name!r} not found at {data_dir}: make it with `python prepare.py {source}` "
+                        f"(a config file's comment gives the whole command), or point --data_root where it is")
     return json.load(open(path))
 
 
@@ -247,6 +262,30 @@ def resume_from(state, path, model, optimizer, data_rng, system):
     return Progress(**{f.name: state[f.name] for f in fields(Progress)})
 
 
+def micro_steps(gradient_accumulation_steps, world):
+    """Micro-steps each of `world` processes runs per optimizer step. gradient_accumulation_steps counts them
+    over all processes together (as nanoGPT, which divides it by the number of processes); one that the
+    processes cannot share evenly is rounded up, so a step takes the tokens asked for or the fewest more."""
+    return math.ceil(gradient_accumulation_steps / world)
+
+
+def summary_line(progress, max_iters, seconds, out_dir, launcher, argv):
+    """The line that ends a run: how far it got in what wall time, its best validation loss, its checkpoint,
+    and the commands to sample from it and to continue it. launcher + argv: the command that started the run
+    (launcher ends with the path of train.py)."""
+    finished = progress.iter_num >= max_iters
+    replaced = ("--init_from=", "--overwrite=") + (("--max_iters=",) if finished else ())
+    resume = [*launcher, *(a for a in argv if not a.startswith(replaced)), "--init_from=resume"]
+    if finished:  # resuming it as it is would do nothing: suggest twice as many iterations
+        resume.append(f"--max_iters={2 * max_iters}")
+    sample = ["python", os.path.join(os.path.dirname(launcher[-1]), "sample.py"), f"--out_dir={out_dir}"]
+    state = f"finished {max_iters} iterations" if finished else \
+        f"stopped at iteration {progress.iter_num} of {max_iters}"
+    return (f"{state} in {duration(seconds)}, best val loss {progress.best_val_loss:.4f}, checkpoint "
+            f"{os.path.join(out_dir, 'ckpt.pt')}; sample: {shlex.join(sample)}; "
+            f"{'train on' if finished else 'continue'}: {shlex.join(resume)}")
+
+
 def check_choice(cfg, name, allowed):
     if getattr(cfg, name) not in allowed:
         raise UserError(f"{name} must be one of {', '.join(allowed)}; got {getattr(cfg, name)!r}")
@@ -257,7 +296,7 @@ def check_choice(cfg, name, allowed):
 
 
 def train(cfg):
-    """Train as cfg (a namespace of every config key) says; return the best validation loss."""
+    """Train as cfg (a namespace of every config key) says; return its Progress (None for a dry run)."""
     # --- setup: the model to train, data, processes, state ---
     check_choice(cfg, "init_from", ("scratch", "resume"))
     check_choice(cfg, "match", ("none", "active", "total"))
@@ -265,12 +304,13 @@ def train(cfg):
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     log_path = os.path.join(cfg.out_dir, "metrics.jsonl")
     state = load_checkpoint(ckpt_path) if cfg.init_from == "resume" else None
-    configured, model_config, match = resolve_models(cfg, data_dir, state)
+    configured, model_config, match, vocab_source = resolve_models(cfg, data_dir, state)
     block_size = model_config.block_size  # T, the context length
     print0(param_table(models_involved(configured, match)))
     if configured.n_experts > 0:
         print0("active = what one token uses, the router and K of the E experts included; "
                "mismatch = a dense total against the MoE's count")
+    print0(f"vocab_size {model_config.vocab_size:,}: {vocab_source}")
     if cfg.dry_run:
         return None
 
@@ -283,10 +323,11 @@ def train(cfg):
     device, autocast, world = system.device, system.autocast, system.world
     if device.type == "cpu":
         keep_freed_memory()  # glibc: reuse freed heap blocks rather than page-fault every step's temporaries in
-    if cfg.gradient_accumulation_steps % world:
-        raise UserError(f"gradient_accumulation_steps ({cfg.gradient_accumulation_steps}) must be a multiple "
-                        f"of the number of processes ({world})")
-    accum = cfg.gradient_accumulation_steps // world  # micro-steps of this process
+    accum = micro_steps(cfg.gradient_accumulation_steps, world)  # micro-steps of this process
+    if accum * world != cfg.gradient_accumulation_steps:
+        print0(f"gradient_accumulation_steps {cfg.gradient_accumulation_steps} rounded up to {accum * world}, "
+               f"{accum} micro-step(s) on each of the {world} processes")
+        cfg.gradient_accumulation_steps = accum * world  # what the checkpoint and the log record
     if system.master:
         check_out_dir(cfg.out_dir, ckpt_path, state is None, cfg.overwrite)
 
@@ -298,6 +339,8 @@ def train(cfg):
     progress = Progress()
     if state is not None:
         progress = resume_from(state, ckpt_path, raw_model, optimizer, data_rng, system)
+        print0(f"resumed from iteration {progress.iter_num} of {ckpt_path} (best val loss "
+               f"{progress.best_val_loss:.4f})")
         if system.master:  # drop what a crashed run logged after its checkpoint
             truncate_log(log_path, progress.iter_num, progress.evaluated_iter == progress.iter_num)
     elif system.master:
@@ -310,8 +353,8 @@ def train(cfg):
         model = wrap_ddp(model, device)
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * block_size
     precision = "bfloat16 autocast" if system.dtype == torch.bfloat16 else "float32"
-    print0(f"tokens per iteration: {tokens_per_iter:,} = {cfg.gradient_accumulation_steps} x {cfg.batch_size} x "
-           f"{block_size}; device {device}, {precision}, {world} process(es)")
+    print0(f"tokens per iteration: {tokens_per_iter:,} = {cfg.gradient_accumulation_steps} micro-step(s) x "
+           f"{cfg.batch_size} sequences x {block_size} tokens; device {device}, {precision}, {world} process(es)")
 
     saved_iter = progress.iter_num if state is not None else None  # of the last checkpoint written
     bad_steps = 0  # in a row
@@ -389,8 +432,7 @@ def train(cfg):
             # --- stop cleanly on SIGINT / SIGTERM ---
             if stop.anywhere(system):  # every process stops after the same step
                 write_checkpoint(ckpt_path, about, raw_model, optimizer, progress, data_rng, system)
-                print0(f"stopped at iteration {it}, checkpoint written: continue with the same command "
-                       f"and --init_from=resume")
+                print0(f"iteration {it}: checkpoint written, stopping")
                 break
     finally:
         # --- finish ---
@@ -399,15 +441,29 @@ def train(cfg):
         if world > 1:
             del model  # DDP's reducer holds the process group
             end_processes()
-    print0(f"best val loss {progress.best_val_loss:.4f}")
-    return progress.best_val_loss
+    return progress
+
+
+def launcher():
+    """How this process was started, up to the path of train.py: python, or torchrun for several processes."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    return ["python", sys.argv[0]] if world == 1 else \
+        ["torchrun", "--standalone", f"--nproc_per_node={world}", sys.argv[0]]
 
 
 def main(argv):
+    if "-h" in argv or "--help" in argv:
+        print(usage(__doc__, defaults(), [__file__, os.path.join(ROOT, "model.py")]))
+        return
+    sys.stdout.reconfigure(line_buffering=True)  # each line as it is printed, into a file or pipe too
     try:
-        train(SimpleNamespace(**configure(argv, defaults())))
+        cfg = SimpleNamespace(**configure(argv, defaults()))
+        start = time.time()
+        progress = train(cfg)
     except UserError as e:
         sys.exit(f"error: {e}")
+    if progress is not None:  # None: a dry run
+        print0(summary_line(progress, cfg.max_iters, time.time() - start, cfg.out_dir, launcher(), argv))
 
 
 if __name__ == "__main__":

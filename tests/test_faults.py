@@ -126,7 +126,7 @@ def test_non_finite_steps_are_skipped(data_root, tmp_path, monkeypatch):
     poison = {3, 4}  # one training forward a step (no gradient accumulation): steps 3 and 4 go bad
     PoisonedGPT.poison, PoisonedGPT.calls = poison, 0
     cfg = in_process_cfg(data_root, tmp_path, "--max_iters=8", "--eval_interval=4")
-    assert train.train(cfg) < float("inf")
+    assert train.train(cfg).best_val_loss < float("inf")
     records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     steps = [r for r in records if "loss" in r]
     assert [r["skipped_steps"] for r in steps] == [sum(p <= r["iter"] for p in poison) for r in steps]
