@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from configurator import UserError, configure
 from model import GPT, GPTConfig
 from prepare import encoding
+from runtime import load_checkpoint, load_weights
 
 INSTALL_HINT = "pip install transformers==5.24.0 safetensors==0.8.0"
 CHECK_TOLERANCE = 1e-3  # max |logits difference| (float32) above which the export is a bug, not rounding
@@ -53,16 +54,13 @@ KEYS = [k for k, v in list(globals().items()) if not k.startswith("_") and k.isl
 
 def load_model(path):
     """(GPT with the checkpoint's weights, its tokenizer description) from a train.py checkpoint."""
-    if not os.path.exists(path):
-        raise UserError(f"no checkpoint at {path}: train one first, or point --out_dir at its folder")
+    state = load_checkpoint(path)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
         model = GPT(GPTConfig(**state["model_args"]))
-        model.load_state_dict(state["model"])
-        return model.eval(), state["tokenizer"]
-    except Exception as e:
-        raise UserError(f"{path} is not a readable tinymoe checkpoint ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{path} does not describe a model this tinymoe can build ({type(e).__name__}: {e})") from None
+    load_weights(model, state, path)
+    return model.eval(), state["tokenizer"]
 
 
 # -----------------------------------------------------------------------------
@@ -244,7 +242,7 @@ def import_transformers():
 @torch.no_grad()
 def max_logits_diff(model, hf_model, idx):
     """max |tinymoe logits - transformers logits| over every position of idx (B, T)."""
-    ours, _ = model(idx, targets=idx)  # with targets GPT returns every position's logits, not only the last
+    ours, _, _ = model(idx, targets=idx)  # with targets GPT returns every position's logits, not only the last
     return (ours - hf_model(idx).logits).abs().max().item()
 
 

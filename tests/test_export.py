@@ -13,6 +13,7 @@ from conftest import ROOT, TINY_MOE, corpus_text, needs_gpt2, one_line_error, ru
 
 import export
 import prepare
+import runtime
 import train
 from configurator import UserError, configure
 from model import GPT, GPTConfig, model_fields
@@ -44,7 +45,7 @@ def bpe_spec():
 def save_checkpoint(path, model, spec):
     """The keys of train.py's checkpoint that export.py reads."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    torch.save({"format": train.CHECKPOINT_FORMAT, "model_args": asdict(model.config), "tokenizer": spec,
+    torch.save({"format": runtime.CHECKPOINT_FORMAT, "model_args": asdict(model.config), "tokenizer": spec,
                 "model": model.state_dict()}, path)
 
 
@@ -128,7 +129,7 @@ def test_export_is_exact(kind, tmp_path, bpe_spec):
             ids = tokenizer(prompt)["input_ids"]
             assert ids == enc.encode(prompt)
             idx = torch.tensor([ids])
-            ours, _ = model(idx, targets=idx)  # (1, T, V): every position
+            ours, _, _ = model(idx, targets=idx)  # (1, T, V): every position
             assert (ours - hf(idx).logits).abs().max().item() < 1e-5
             # greedy: sample.py with top_k=1 against generate(do_sample=False), which stops at end-of-text
             want = model.generate(idx, 24, top_k=1)[0].tolist()
