@@ -89,6 +89,7 @@ def test_refusals_say_why(cfg, message):
         export.hf_target(cfg)
 
 
+@pytest.mark.slow
 def test_refusal_is_one_line(tmp_path, bpe_spec):
     save_checkpoint(str(tmp_path / "run" / "ckpt.pt"), tiny_model(400, n_experts=4, capacity_factor=1.0), bpe_spec)
     r = run_script("export.py", f"--out_dir={tmp_path / 'run'}", f"--to={tmp_path / 'hf'}")
@@ -150,6 +151,7 @@ def test_export_refuses_to_overwrite(tmp_path, bpe_spec):
 
 
 @needs_transformers
+@pytest.mark.slow
 def test_train_then_export_script(data_root, tmp_path):
     """train.py's own checkpoint, exported by the script (default folder out_dir/hf), loaded by transformers."""
     from transformers import AutoModelForCausalLM
@@ -194,5 +196,6 @@ def test_bpe_tokenizer_encodes_as_tiktoken(tmp_path, bpe_spec):
 
 @needs_transformers
 @needs_gpt2
+@pytest.mark.slow
 def test_gpt2_tokenizer_encodes_as_tiktoken(tmp_path):
     check_tokenizer(prepare.encoding({"type": "gpt2"}), tmp_path, corpus_text(60_000))
