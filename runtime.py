@@ -368,7 +368,8 @@ def out_dir_lock(out_dir):
     try:
         yield
     finally:
-        os.remove(path)
+        if os.path.exists(path) and os.stat(path).st_ino == os.fstat(fd).st_ino:
+            os.remove(path)
         os.close(fd)
         if created and not os.listdir(out_dir):
             os.rmdir(out_dir)
@@ -377,14 +378,15 @@ def out_dir_lock(out_dir):
 def check_out_dir(ckpt_path, fresh_start, overwrite):
     """Refuse to overwrite another run's checkpoint by accident; with overwrite, remove it (so that a run
     killed before its first checkpoint leaves no mix of the old run's checkpoint and the new run's log);
-    remove the temp files of checkpoint writes that a killed run left behind. Called with out_dir locked."""
+    remove the temp files of checkpoint and log writes that a killed run left behind. Called with out_dir
+    locked."""
     if fresh_start and os.path.exists(ckpt_path) and not overwrite:
         raise UserError(f"{ckpt_path} exists: continue it with --init_from=resume, or start over with "
                         f"--overwrite=True")
     try:
         if fresh_start and os.path.exists(ckpt_path):
             os.remove(ckpt_path)
-        for stale in glob.glob(f"{ckpt_path}.tmp*"):
+        for stale in glob.glob(os.path.join(os.path.dirname(ckpt_path), "*.tmp[0-9]*")):
             os.remove(stale)
     except OSError as e:
         raise UserError(f"cannot remove {e.filename}: {e.strerror}") from None
