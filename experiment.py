@@ -54,8 +54,8 @@ def check_knobs(cfg, points):
         raise UserError(f"seeds and jobs must be at least 1, got seeds={cfg.seeds}, jobs={cfg.jobs}")
     if cfg.name and not re.fullmatch(PLAIN_NAME, cfg.name):  # out/<name> must stay in out/
         raise UserError(f"name must be a plain folder name (letters, digits, '.', '_', '-'), got {cfg.name!r}")
-    for point in points:
-        train.check_knobs(SimpleNamespace(**{**vars(cfg), **point}))
+    for point in points:  # match is the experiment's own knob here: plan gives each run train.py's
+        train.check_knobs(SimpleNamespace(**{**vars(cfg), **point, "match": "none"}))
     if cfg.seed + cfg.seeds > 2**63:
         raise UserError(f"seed + seeds must not pass 2**63 (the seeds are seed .. seed + seeds - 1), got seed="
                         f"{cfg.seed}, seeds={cfg.seeds}")

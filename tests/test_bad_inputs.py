@@ -528,8 +528,7 @@ def test_experiment(args, names, setup, data_root, tmp_path, monkeypatch, capsys
     monkeypatch.chdir(tmp_path)  # out/ goes here
     tiny = [a for a in BASE if not a.startswith("--log_interval")]
     before = snapshot(tmp_path)
-    status, line, output = outcome(experiment.main, [*tiny, f"--data_root={root}", "--seeds=1", "--match=none",
-                                                     *args], capsys)
+    status, line, output = outcome(experiment.main, [*tiny, f"--data_root={root}", "--seeds=1", *args], capsys)
     check_refused(status, line, output, names, before, snapshot(tmp_path))
 
 
