@@ -18,6 +18,7 @@ memory of a fresh process running two such steps, less its resident memory befor
 import json
 import multiprocessing
 import os
+import signal
 import statistics
 import sys
 import time
@@ -29,7 +30,7 @@ import torch
 
 from configurator import UserError, configure, usage
 from model import GPT, GPTConfig, count_params, match_dense
-from runtime import compile_model, keep_freed_memory, use_compile
+from runtime import check_device, compile_model, keep_freed_memory, use_compile
 from train import get_batch  # what the data cost measures
 
 # -----------------------------------------------------------------------------
@@ -37,12 +38,29 @@ quick = False  # small shapes (4 layers, 2048 tokens a step) for a quick CPU che
 device = "auto"  # "auto" (cuda, then cpu), "cpu", "cuda"...
 dtype = "float32"  # "float32" or "bfloat16" (autocast, as in training)
 compile = "auto"  # torch.compile the models (fullgraph), as train.py does: "auto" (on for CUDA), "true" or "false"
-repeats = 7  # timed steps per model, interleaved
-warmup = 2  # untimed steps per model first (compilation happens here)
+repeats = 7  # timed steps per model, interleaved (at least 1)
+warmup = 2  # untimed steps per model first (compilation happens here; >= 0)
 json_path = ""  # also write the results to this JSON file, for tools: --json_path=bench.json
 # -----------------------------------------------------------------------------
 KEYS = [k for k, v in list(globals().items()) if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "4090": 165e12}
+
+
+def check_knobs(cfg):
+    """The valid range of every knob above, checked before any model is built or timed."""
+    def check(ok, message):
+        if not ok:
+            raise UserError(message)
+
+    check_device(cfg.device)
+    check(cfg.dtype in ("float32", "bfloat16"), f"dtype must be 'float32' or 'bfloat16', got {cfg.dtype!r}")
+    check(cfg.compile.lower() in ("auto", "true", "false"), f"compile must be 'auto', 'true' or 'false', got "
+                                                            f"{cfg.compile!r}")
+    check(cfg.repeats >= 1, f"repeats must be at least 1, got {cfg.repeats}")
+    check(cfg.warmup >= 0, f"warmup must be >= 0, got {cfg.warmup}")
+    folder = os.path.dirname(os.path.abspath(cfg.json_path)) if cfg.json_path else ""
+    check(not cfg.json_path or os.path.isdir(folder) and not os.path.isdir(cfg.json_path),
+          f"json_path must name a file in an existing folder, got {cfg.json_path!r}")
 
 
 def shapes(quick):
@@ -121,7 +139,8 @@ def peak_memory(cfg, compiled, batch_size, device, dtype):
         return torch.cuda.max_memory_allocated()
     if not os.path.exists("/proc/self/status"):
         return float("nan")  # CPU memory is read from Linux's /proc
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
+    # Ctrl-C is the main process's to handle: the worker ignores it
+    with multiprocessing.get_context("spawn").Pool(1, signal.signal, (signal.SIGINT, signal.SIG_IGN)) as pool:
         return pool.apply(cpu_peak_memory, ((asdict(cfg), compiled, batch_size, str(dtype).split(".")[1], 2),))
 
 
@@ -168,10 +187,9 @@ def time_steps(runners, labels, warmup, repeats):
 
 def run(cfg):
     """Time every model of bench_models; print the table and return its rows."""
+    check_knobs(cfg)
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           "cpu" if cfg.device == "auto" else cfg.device)
-    if cfg.dtype not in ("float32", "bfloat16"):
-        raise UserError(f"dtype must be 'float32' or 'bfloat16', got {cfg.dtype!r}")
     dtype = getattr(torch, cfg.dtype)
     compiled = use_compile(cfg.compile, device)
     if device.type == "cpu":
@@ -235,6 +253,9 @@ def main(argv):
         run(SimpleNamespace(**configure(argv, {k: globals()[k] for k in KEYS})))
     except UserError as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -83,7 +83,13 @@ def parse_value(key, text, default):
 
 def configure(argv, defaults):
     """Apply config files and --key=value arguments in argv over defaults; return the new dict."""
-    config = dict(defaults)
+    return {**defaults, **overrides(argv, defaults)}
+
+
+def overrides(argv, defaults):
+    """{key: value} of the keys that the config files and --key=value arguments in argv set, in order (a
+    resumed run refuses those that would change it, see train.resume_config)."""
+    config = {}
     for arg in argv:
         if arg.startswith("--"):
             key, eq, text = arg[2:].partition("=")

@@ -20,6 +20,7 @@ every run.
 import itertools
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -28,22 +29,39 @@ from types import SimpleNamespace
 
 import train
 from configurator import UserError, configure, usage
+from prepare import PLAIN_NAME
 from report import point_label, write_report
 from runtime import ROOT, duration, read_log
 
 # -----------------------------------------------------------------------------
 name = ""  # out/<name>/ holds the runs and the report; default: the config file's name (+ the sweep)
-seeds = 3  # runs per model, with seeds seed, seed + 1, ...
+seeds = 3  # runs per model (at least 1), with seeds seed, seed + 1, ... (each below 2**63)
 sweep = ""  # MoE variants to train: "key=v1,v2" or a grid "key=v1,v2;key2=w1,w2"
 match = ""  # dense baselines beside each MoE: "both", "active", "total", "none"; default: both, or none in a sweep
 hold_active = True  # in a sweep over top_k, rescale expert_hidden so that top_k * expert_hidden stays the same
-jobs = 1  # runs at once; on CPU each gets cpu_count / jobs threads
+jobs = 1  # runs at once (at least 1); on CPU each gets cpu_count / jobs threads
 report_only = False  # only rewrite the report from the runs already in out/<name>/
 # -----------------------------------------------------------------------------
 EXPERIMENT_KEYS = [k for k, v in list(globals().items()) if not k.startswith("_") and k.islower()
                    and isinstance(v, (int, float, bool, str))]
 PROGRESS_SECONDS = 60  # while runs go, a progress line at least this often
 BASELINES = {"both": ["dense-active", "dense-total"], "active": ["dense-active"], "total": ["dense-total"], "none": []}
+
+
+def check_knobs(cfg, points):
+    """The valid range of every knob above, and of train.py's knobs at every sweep point (the models
+    themselves are checked by plan's caller), before any run starts."""
+    if cfg.match not in ("", *BASELINES):
+        raise UserError(f"match must be one of both, active, total, none; got {cfg.match!r}")
+    if cfg.seeds < 1 or cfg.jobs < 1:
+        raise UserError(f"seeds and jobs must be at least 1, got seeds={cfg.seeds}, jobs={cfg.jobs}")
+    if cfg.name and not re.fullmatch(PLAIN_NAME, cfg.name):  # out/<name> must stay in out/
+        raise UserError(f"name must be a plain folder name (letters, digits, '.', '_', '-'), got {cfg.name!r}")
+    for point in points:  # match is the experiment's own knob here: plan gives each run train.py's
+        train.check_knobs(SimpleNamespace(**{**vars(cfg), **point, "match": "none"}))
+    if cfg.seed + cfg.seeds > 2**63:
+        raise UserError(f"seed + seeds must not pass 2**63 (the seeds are seed .. seed + seeds - 1), got seed="
+                        f"{cfg.seed}, seeds={cfg.seeds}")
 
 
 @dataclass(frozen=True)
@@ -73,7 +91,7 @@ def parse_sweep(text, defaults):
     axes = []
     for part in text.split(";"):
         key, eq, values = part.partition("=")
-        if not eq or not values:
+        if not eq or not values or not key.strip():
             raise UserError(f"sweep expects key=v1,v2[;key2=w1,w2], got {part!r}")
         key = key.strip()
         axes.append([(key, configure([f"--{key}={v.strip()}"], defaults)[key]) for v in values.split(",")])
@@ -137,7 +155,20 @@ def command(run):
 
 def execute(runs, jobs):
     """Run what is not finished yet, `jobs` at a time, printing progress and the time left; a failed run stops
-    the experiment."""
+    the experiment. The runs are started in their own session, so that a Ctrl-C reaches them once, from here:
+    on Ctrl-C each running run gets one SIGINT and is waited for while it writes its checkpoint (a second
+    Ctrl-C stops them at once)."""
+    running = []  # (run, process, start time)
+    try:
+        run_pending(runs, jobs, running)
+    except KeyboardInterrupt:
+        stop_runs([proc for _, proc, _ in running])
+        raise KeyboardInterrupt("the runs in progress stopped with a checkpoint: run the same command again "
+                                "to continue") from None
+
+
+def run_pending(runs, jobs, running):
+    """execute()'s loop; `running` holds the runs in progress."""
     todo = [r for r in runs if not finished(r)]
     print(f"{len(runs) - len(todo)} of {len(runs)} runs already finished; {len(todo)} to go")
     env = dict(os.environ)
@@ -146,7 +177,6 @@ def execute(runs, jobs):
     first = {r.out_dir: logged_iter(r) for r in todo}  # where each run starts (a resumed one, past 0)
     total = sum(r.max_iters - first[r.out_dir] for r in todo)  # optimizer steps to run, in all
     done_steps, done_runs, t_start, t_said = 0, 0, time.time(), time.time()
-    running = []  # (run, process, start time)
 
     def standing():  # runs and steps done (those of the running runs too), and the time left
         steps = done_steps + sum(logged_iter(r) - first[r.out_dir] for r, _, _ in running)
@@ -160,8 +190,8 @@ def execute(runs, jobs):
             log = open(os.path.join(run.out_dir, "train.log"), "a")
             print(f"start {run.label} seed {run.seed} ({len(todo) - len(queue)} of {len(todo)}, log in "
                   f"{run.out_dir}/train.log): {' '.join(command(run)[1:])}")
-            running.append((run, subprocess.Popen(command(run), stdout=log, stderr=subprocess.STDOUT, env=env),
-                            time.time()))
+            running.append((run, subprocess.Popen(command(run), stdout=log, stderr=subprocess.STDOUT, env=env,
+                                                  start_new_session=True), time.time()))
         time.sleep(1)
         for item in list(running):
             run, proc, t0 = item
@@ -169,8 +199,7 @@ def execute(runs, jobs):
                 continue
             running.remove(item)
             if proc.returncode != 0:
-                for _, other, _ in running:
-                    other.terminate()
+                stop_runs([other for _, other, _ in running])
                 tail = open(os.path.join(run.out_dir, "train.log")).read().strip().splitlines()[-1:]
                 raise UserError(f"run {run.out_dir} failed ({tail[0] if tail else 'no output'}); fix it and run the "
                                 f"same command again to continue")
@@ -199,6 +228,19 @@ def warmup_warnings(cfg, runs):
             f"warms up, at {m / (w + 1):.0%} of learning_rate" for m, w in pairs if m < w]
 
 
+def stop_runs(procs):
+    """Stop training processes as a Ctrl-C would (each writes a checkpoint) and wait for them; a Ctrl-C while
+    waiting passes on, and stops them at once."""
+    for proc in procs:
+        proc.send_signal(signal.SIGINT)
+    for proc in procs:
+        while proc.poll() is None:
+            try:
+                proc.wait()
+            except KeyboardInterrupt:
+                proc.send_signal(signal.SIGINT)
+
+
 def collect(runs):
     """The runs with what their logs hold: start record, evaluation curve, best val loss, wall time."""
     collected = []
@@ -223,10 +265,6 @@ def main(argv):
     try:
         defaults = {**train.defaults(), **{k: globals()[k] for k in EXPERIMENT_KEYS}}
         cfg = SimpleNamespace(**configure(argv, defaults))
-        if cfg.match not in ("", *BASELINES):
-            raise UserError(f"match must be one of both, active, total, none; got {cfg.match!r}")
-        if cfg.seeds < 1 or cfg.jobs < 1:
-            raise UserError("seeds and jobs must be at least 1")
         files = [a for a in argv if not a.startswith("--")]
         sweep_name = cfg.sweep.replace(";", "_").replace("=", "").replace(",", "-")
         config_name = os.path.splitext(os.path.basename(files[0]))[0] if files else "default"
@@ -234,20 +272,26 @@ def main(argv):
         # every run gets the config files and the train.py knobs given here, plus its own overrides
         own_keys = (*EXPERIMENT_KEYS, "out_dir", "seed", "match", "init_from", "overwrite")
         train_args = files + [a for a in argv if a.startswith("--") and a[2:].split("=")[0] not in own_keys]
-        if cfg.vocab_size == 0:
-            cfg.vocab_size = train.load_meta(os.path.join(cfg.data_root, cfg.dataset), cfg.dataset)["vocab_size"]
         points = parse_sweep(cfg.sweep, vars(cfg))
+        check_knobs(cfg, points)
+        data_dir = os.path.join(cfg.data_root, cfg.dataset)
+        if cfg.vocab_size == 0:
+            cfg.vocab_size = train.load_meta(data_dir, cfg.dataset)["vocab_size"]
         runs = plan(cfg, points, train_args, exp_dir)
         for r in runs:  # every variant must be a valid model that can be matched, before any training
             configured_model(cfg, match_of(r.model), **r.overrides)
         for line in warmup_warnings(cfg, runs):
             print(line)
+        train.load_data(cfg.dataset, data_dir, configured_model(cfg), None)  # its files, checked once for all runs
         t0 = time.time()
         if not cfg.report_only:
             execute(runs, cfg.jobs)
         print(f"report: {write_report(cfg, collect(runs), points, exp_dir, time.time() - t0, argv)}")
     except UserError as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt as e:
+        print(f"interrupted: {e}" if str(e) else "interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

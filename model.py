@@ -52,6 +52,7 @@ class GPTConfig:
     moe_impl: str = "auto"  # "grouped" (one grouped GEMM), "loop" (per expert) or "auto"
 
     def __post_init__(self):
+        self.validate()  # the fields as given; a hidden size of 0 is filled in with its default below
         self.expert_groups = tuple(tuple(g) for g in self.expert_groups)
         if self.ffn_hidden == 0:
             self.ffn_hidden = 16 * math.ceil(8 * self.n_embd / 3 / 16)
@@ -61,36 +62,43 @@ class GPTConfig:
             self.n_experts = sum(n for n, _ in self.expert_groups)
         if self.shared_expert_hidden == 0:
             self.shared_expert_hidden = self.expert_hidden
-        self.validate()
 
     def validate(self):
-        """Raise ValueError with one readable line for a config that cannot be built."""
+        """The valid range of every field: raise ValueError with one line naming the field for a config that
+        cannot be built."""
         def check(ok, msg):
             if not ok:
                 raise ValueError(msg)
 
-        for name in ("block_size", "n_layer", "n_head", "n_embd", "ffn_hidden"):
+        for name in ("block_size", "n_layer", "n_head", "n_embd"):
             check(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
-        check(self.vocab_size >= 0, f"vocab_size must be >= 0, got {self.vocab_size}")
+        for name in ("vocab_size", "ffn_hidden", "n_experts", "expert_hidden", "n_shared_experts",
+                     "shared_expert_hidden"):
+            check(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         check(self.n_embd % self.n_head == 0,
               f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         check((self.n_embd // self.n_head) % 2 == 0,
               f"head size n_embd/n_head = {self.n_embd // self.n_head} must be even for rotary embeddings")
-        check(self.n_experts >= 0, f"n_experts must be >= 0, got {self.n_experts}")
+        for name in ("rope_theta", "norm_eps"):
+            check(0 < getattr(self, name) < math.inf, f"{name} must be a positive finite number, got "
+                                                      f"{getattr(self, name)}")
+        for name in ("aux_loss_coef", "z_loss_coef", "bias_update_rate", "capacity_factor"):
+            check(0 <= getattr(self, name) < math.inf, f"{name} must be a finite number >= 0, got "
+                                                       f"{getattr(self, name)}")  # NaN fails too
         check(self.router_score in ("softmax", "sigmoid"),
               f"router_score must be 'softmax' or 'sigmoid', got {self.router_score!r}")
         check(self.balance in ("switch", "aux_free", "none"),
               f"balance must be 'switch', 'aux_free' or 'none', got {self.balance!r}")
         check(self.moe_impl in ("auto", "grouped", "loop"),
               f"moe_impl must be 'auto', 'grouped' or 'loop', got {self.moe_impl!r}")
-        check(self.capacity_factor >= 0, f"capacity_factor must be >= 0, got {self.capacity_factor}")
-        check(self.n_shared_experts >= 0, f"n_shared_experts must be >= 0, got {self.n_shared_experts}")
-        check(all(len(g) == 2 and g[0] > 0 and g[1] > 0 for g in self.expert_groups),
-              f"expert_groups must be ((count, hidden), ...) with positive numbers, got {self.expert_groups}")
-        if self.n_experts > 0:
-            check(1 <= self.top_k <= self.n_experts,
-                  f"top_k ({self.top_k}) must be between 1 and n_experts ({self.n_experts})")
-            check(self.expert_hidden > 0, f"expert_hidden must be positive, got {self.expert_hidden}")
+        check(isinstance(self.expert_groups, (tuple, list)) and all(
+            isinstance(g, (tuple, list)) and len(g) == 2 and all(type(v) is int and v > 0 for v in g)
+            for g in self.expert_groups),
+            f"expert_groups must be ((count, hidden), ...) of positive whole numbers, like ((4, 256), (4, 768)); "
+            f"got {self.expert_groups!r}")
+        n_experts = sum(n for n, _ in self.expert_groups) or self.n_experts
+        if n_experts > 0:
+            check(1 <= self.top_k <= n_experts, f"top_k ({self.top_k}) must be between 1 and n_experts ({n_experts})")
 
     @property
     def expert_sizes(self):
