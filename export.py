@@ -35,7 +35,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from configurator import UserError, configure
+from configurator import UserError, configure, usage
 from model import GPT, GPTConfig
 from prepare import encoding
 from runtime import load_checkpoint, load_weights
@@ -286,8 +286,12 @@ def export(out_dir, to, overwrite=False):
 
 
 def main(argv):
+    defaults = {k: globals()[k] for k in KEYS}
+    if "-h" in argv or "--help" in argv:
+        print(usage(__doc__, defaults, [__file__]))
+        return
     try:
-        cfg = SimpleNamespace(**configure(argv, {k: globals()[k] for k in KEYS}))
+        cfg = SimpleNamespace(**configure(argv, defaults))
         name, diff = export(cfg.out_dir, cfg.to, cfg.overwrite)
         print(f"wrote {cfg.to or os.path.join(cfg.out_dir, 'hf')}: {name}, loaded back by transformers, "
               f"max |logits difference| {diff:.1e} against tinymoe (float32)")

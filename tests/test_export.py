@@ -99,6 +99,13 @@ def test_refusal_is_one_line(tmp_path, bpe_spec):
         export.export(str(tmp_path / "nothing"), "")
 
 
+def test_help_lists_the_knobs(capsys):
+    export.main(["--help"])
+    out = capsys.readouterr().out
+    assert out.startswith("Export a trained checkpoint")
+    assert "--to=" in out and "the folder to write" in out and "--overwrite=False" in out
+
+
 def test_missing_transformers_gives_install_hint(tmp_path, bpe_spec, monkeypatch):
     save_checkpoint(str(tmp_path / "ckpt.pt"), tiny_model(400), bpe_spec)
     monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers now raises ImportError
