@@ -175,14 +175,11 @@ def record_collectives(monkeypatch):
 
 def test_stop_flag_is_reduced_on_the_process_device(monkeypatch):
     devices = record_collectives(monkeypatch)
-    stop = StopFlag()
-    try:
+    with StopFlag() as stop:
         with pytest.raises(AtCollective):
             stop.anywhere(System(torch.device("meta"), FP32, nullcontext(), rank=0, world=2))
         stop.set = True
         assert stop.anywhere(System(torch.device("cpu"), FP32, nullcontext(), rank=0, world=1))  # no collective
-    finally:
-        stop.restore()
     assert devices == [torch.device("meta")]
 
 

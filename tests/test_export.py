@@ -43,10 +43,13 @@ def bpe_spec():
 
 
 def save_checkpoint(path, model, spec):
-    """The keys of train.py's checkpoint that export.py reads."""
+    """A checkpoint as train.py writes it (export.py reads model_args, model and tokenizer; the rest describe
+    a run that was never trained)."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     torch.save({"format": runtime.CHECKPOINT_FORMAT, "model_args": asdict(model.config), "tokenizer": spec,
-                "model": model.state_dict()}, path)
+                "model": model.state_dict(), "config": {}, "dataset_vocab_size": model.config.vocab_size,
+                "optimizer": {}, "data_rng": [], "iter_num": 0, "best_val_loss": float("inf"), "evaluated_iter": -1,
+                "skipped_steps": 0}, path)
 
 
 def tiny_model(vocab_size, **overrides):

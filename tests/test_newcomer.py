@@ -69,7 +69,7 @@ def test_dry_run_needs_no_data(tmp_path, monkeypatch, capsys):
     # once a dataset is there (under the current directory), its vocabulary
     os.makedirs(path)
     with open(os.path.join(path, "meta.json"), "w") as f:
-        json.dump({"vocab_size": 4096}, f)
+        json.dump({"vocab_size": 4096, "dtype": "uint16", "tokenizer": "gpt2"}, f)
     cfg = dry_run()
     train.train(cfg)
     assert f"vocab_size 4,096: from {os.path.join(path, 'meta.json')}" in capsys.readouterr().out
