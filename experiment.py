@@ -216,7 +216,7 @@ def run_pending(runs, jobs, running):
 
 def progress(done_runs, n_runs, steps, total, seconds):
     """'2 of 6 runs done, 1,200 of 3,000 steps, about 4.5 min left': the time left at the pace so far."""
-    left = f", about {duration(seconds / steps * (total - steps))} left" if steps else ""
+    left = f", about {duration(seconds / steps * (total - steps))} left" if 0 < steps < total else ""
     return f"{done_runs} of {n_runs} runs done, {steps:,} of {total:,} steps{left}"
 
 

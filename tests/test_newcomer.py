@@ -147,6 +147,7 @@ def test_sweep_below_warmup_warns():
 def test_experiment_progress_line():
     assert experiment.progress(0, 6, 0, 3000, 5.0) == "0 of 6 runs done, 0 of 3,000 steps"
     assert experiment.progress(2, 6, 1000, 3000, 150.0) == "2 of 6 runs done, 1,000 of 3,000 steps, about 5.0 min left"
+    assert experiment.progress(6, 6, 3000, 3000, 450.0) == "6 of 6 runs done, 3,000 of 3,000 steps"
 
 
 @pytest.mark.slow
@@ -161,6 +162,6 @@ def test_experiment_says_where_it_stands(data_root, tmp_path):
     assert lines[1].startswith(f"start moe seed 1337 (1 of 2, log in {log}): ")
     done = [line for line in lines if line.startswith("done ")]
     assert len(done) == 2 and re.search(r"1 of 2 runs done, 2 of 4 steps, about \d+s left$", done[0])
-    assert done[1].endswith("2 of 2 runs done, 4 of 4 steps, about 0s left")
+    assert done[1].endswith("2 of 2 runs done, 4 of 4 steps")
     assert (tmp_path / "out" / "e" / "report.md").exists()
     assert open(tmp_path / log).read().strip().splitlines()[-1].startswith("finished 2 iterations in ")
