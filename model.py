@@ -358,8 +358,7 @@ class MoE(nn.Module):
         K = experts.shape[1]
         order = experts.flatten().argsort(stable=True)  # (N*K,) slot ids grouped by expert
         token = order // K  # (N*K,) the token each sorted slot belongs to
-        # F.embedding(token, x) is x[token]: on CPU its row gather is ~10x faster than index_select in fp32
-        xs = F.embedding(token, x).to(compute_dtype(x))  # (N*K, C); grouped_mm is not autocast-aware
+        xs = x.index_select(0, token).to(compute_dtype(x))  # (N*K, C); grouped_mm is not autocast-aware
         ys = self.experts.grouped(xs, load, weights.flatten()[order])  # (N*K, C) weighted
         return torch.zeros_like(x).index_add_(0, token, ys.to(x.dtype))  # (N, C) sum over each token's K slots
 
