@@ -473,6 +473,23 @@ def count_params(cfg):
     return {"total": total, "active": active, "embedding": embedding, "non_embedding": total - embedding}
 
 
+def flops_per_token(cfg):
+    """Training FLOPs per token (forward + backward: 3 x the forward's 2 per multiply-add), the numerator of
+    achieved FLOP/s and MFU. Counted on the ACTIVE parameters that multiply a token's activations: attention's
+    projections, the router, K of the E experts (of mean size, as count_params's active), shared experts and
+    the output layer (V x C: a matmul, tied to the embedding or not; the embedding lookup and the norms do no
+    matmul). Counting total parameters would flatter an MoE. Plus attention's scores and weighted sum over the
+    full T x T with T = block_size, as PaLM (appendix B) and nanoGPT count it: a causal kernel does about half
+    of that, so this overstates it by 6 * n_layer * n_embd * block_size per token. What the model needs, not
+    what an implementation spends: zero-padded heterogeneous experts and slots dropped over capacity add none."""
+    C, L, V, T = cfg.n_embd, cfg.n_layer, cfg.vocab_size, cfg.block_size
+    counts = count_params(cfg)
+    norms = (2 * L + 1) * C  # RMSNorm weights: elementwise
+    matmul_params = counts["active"] - counts["embedding"] - norms + V * C  # + the output layer
+    attention = 2 * 2 * L * C * T  # forward: q @ k^T and weights @ v, T * C multiply-adds each per token per layer
+    return 6 * matmul_params + 3 * attention
+
+
 MIN_FFN_RATIO, MAX_FFN_RATIO = 1.0, 16.0  # a matched dense FFN stays within these multiples of n_embd
 
 

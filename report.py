@@ -63,6 +63,14 @@ def routing_text(cfg):
 # numbers from the runs
 
 
+def flops_text(flops_per_s):
+    """A FLOP/s rate in readable units: '41.2 GFLOP/s', '312.0 TFLOP/s'."""
+    for unit, scale in (("PFLOP/s", 1e15), ("TFLOP/s", 1e12), ("GFLOP/s", 1e9)):
+        if flops_per_s >= scale:
+            return f"{flops_per_s / scale:.1f} {unit}"
+    return f"{flops_per_s / 1e6:.1f} MFLOP/s"
+
+
 def point_label(point):
     """A sweep point as text: 'n_experts=8,top_k=2'."""
     return ",".join(f"{k}={v}" for k, v in point.items())
