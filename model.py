@@ -226,6 +226,10 @@ class MoE(nn.Module):
             self.shared = MLP(config.n_embd, config.n_shared_experts * config.shared_expert_hidden)
         # aux_free balancing: a bias on the selection scores, learned by the sign rule, not by gradients
         self.register_buffer("expert_bias", torch.zeros(E))
+        # bench.py only, for the best case of dispatch (as torchtitan, OLMo-core and megablocks benchmark it):
+        # route slot s = n * K + k to expert s mod E, so every expert gets N*K/E slots. Not a config knob, so that
+        # no training run can use it: the tokens would go to experts by position, whatever the router says.
+        self.force_balance = False
 
     def forward(self, x):
         """x (B, T, C) -> (output (B, T, C), Switch aux loss, z-loss, routing counts of this batch)."""
@@ -252,7 +256,11 @@ class MoE(nn.Module):
         scores = logits.softmax(-1) if self.config.router_score == "softmax" else logits.sigmoid()  # (N, E)
         # aux_free: the bias steers which experts are chosen, never how much they weigh (Wang et al. 2024)
         select = scores + self.expert_bias if self.config.balance == "aux_free" else scores  # (N, E)
-        experts = select.topk(self.config.top_k, dim=-1).indices  # (N, K)
+        if self.force_balance:  # round-robin over tokens; a token's K slots go to K different experts
+            N, K = x.shape[0], self.config.top_k
+            experts = (torch.arange(N * K, device=x.device) % self.config.n_experts).view(N, K)  # (N, K)
+        else:
+            experts = select.topk(self.config.top_k, dim=-1).indices  # (N, K)
         weights = scores.gather(-1, experts)  # (N, K)
         if self.config.norm_topk_prob:  # softmax, top-k, renormalise == top-k of the logits, softmax (Mixtral)
             weights = weights / weights.sum(-1, keepdim=True)
