@@ -53,8 +53,14 @@ def test_train_moe_end_to_end(data_root, tmp_path):
     assert state["best_val_loss"] == min(r["val_loss"] for r in evals)
     assert not any(k.startswith("_orig_mod") for k in state["model"])
 
-    r = run_script("sample.py", f"--out_dir={out}", "--max_new_tokens=10", "--num_samples=1", "--start=KING")
-    assert r.returncode == 0 and r.stdout.startswith("KING"), r.stderr
+    samples = {}
+    for cache in (True, False):  # greedy: the same text with and without the KV cache
+        r = run_script("sample.py", f"--out_dir={out}", "--max_new_tokens=10", "--num_samples=1", "--start=KING",
+                       "--top_k=1", f"--use_cache={cache}")
+        assert r.returncode == 0 and r.stdout.startswith("KING"), r.stderr
+        assert r.stdout.splitlines()[-1].endswith(f"tokens/s on cpu, {'with' if cache else 'without'} the KV cache")
+        samples[cache] = r.stdout.split("---------------")[0]
+    assert samples[True] == samples[False]
     r = run_script("sample.py", f"--out_dir={out}", "--start=the king", "--show_routing=True", "--layer=1")
     assert r.returncode == 0, r.stderr
     assert "MoE layer 1" in r.stdout and "-> e" in r.stdout
