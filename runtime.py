@@ -123,7 +123,8 @@ def peak_flops(name, dtype):
     if name == "cpu":
         return None, "MFU not shown on CPU (no fixed peak); achieved FLOP/s only"
     if dtype != torch.bfloat16:
-        return None, f"MFU not shown: the peaks known are bf16 tensor-core ones, this run computes in {str(dtype)[6:]}"
+        precision = str(dtype).removeprefix("torch.")
+        return None, f"MFU not shown: the peaks known are bf16 tensor-core ones, this run computes in {precision}"
     if name not in PEAK_BF16_FLOPS:
         return None, f"MFU not shown: no peak for {name!r} in runtime.PEAK_BF16_FLOPS"
     peak = PEAK_BF16_FLOPS[name]
