@@ -5,6 +5,7 @@ same active parameters, in one run, so that machine noise hits all models alike.
     python bench.py --quick                   # small shapes: 13 rows, 8 minutes on a busy 2-core CPU
     python bench.py                           # the shapes of config/moe_e4k2.py
     python bench.py --compile=true --dtype=bfloat16 --json_path=bench.json
+    python bench.py --help                    # every knob, its default and what it does
 
 Models: dense-active (matched to E4k2's active parameters), E4k2, and the fine-grained E16k4 and
 E64k8 whose experts are 1/2 and 1/4 as wide, so K * expert_hidden and hence the active parameters
@@ -23,6 +24,7 @@ file goes to a temporary folder), only --json_path if given.
 import json
 import multiprocessing
 import os
+import signal
 import statistics
 import sys
 import tempfile
@@ -33,10 +35,10 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from configurator import UserError, configure
-from model import GPT, GPTConfig, count_params, flops_per_token, grouped_mm_works, match_dense
+from configurator import UserError, configure, usage
+from model import GPT, GPTConfig, count_params, flops_per_token, match_dense
 from report import flops_text
-from runtime import compile_model, device_name, keep_freed_memory, peak_flops, use_compile
+from runtime import check_device, compile_model, device_name, keep_freed_memory, peak_flops, use_compile
 from train import get_batch  # what the data cost measures
 
 # -----------------------------------------------------------------------------
@@ -44,11 +46,28 @@ quick = False  # small shapes (4 layers, 2048 tokens a step) for a quick CPU che
 device = "auto"  # "auto" (cuda, then cpu), "cpu", "cuda"...
 dtype = "float32"  # "float32" or "bfloat16" (autocast, as in training)
 compile = "auto"  # torch.compile the models (fullgraph), as train.py does: "auto" (on for CUDA), "true" or "false"
-repeats = 7  # timed steps per model, interleaved
-warmup = 2  # untimed steps per model first (compilation happens here)
+repeats = 7  # timed steps per model, interleaved (at least 1)
+warmup = 2  # untimed steps per model first (compilation happens here; >= 0)
 json_path = ""  # also write the results to this JSON file, for tools: --json_path=bench.json
 # -----------------------------------------------------------------------------
 KEYS = [k for k, v in list(globals().items()) if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
+
+
+def check_knobs(cfg):
+    """The valid range of every knob above, checked before any model is built or timed."""
+    def check(ok, message):
+        if not ok:
+            raise UserError(message)
+
+    check_device(cfg.device)
+    check(cfg.dtype in ("float32", "bfloat16"), f"dtype must be 'float32' or 'bfloat16', got {cfg.dtype!r}")
+    check(cfg.compile.lower() in ("auto", "true", "false"), f"compile must be 'auto', 'true' or 'false', got "
+                                                            f"{cfg.compile!r}")
+    check(cfg.repeats >= 1, f"repeats must be at least 1, got {cfg.repeats}")
+    check(cfg.warmup >= 0, f"warmup must be >= 0, got {cfg.warmup}")
+    folder = os.path.dirname(os.path.abspath(cfg.json_path)) if cfg.json_path else ""
+    check(not cfg.json_path or os.path.isdir(folder) and not os.path.isdir(cfg.json_path),
+          f"json_path must name a file in an existing folder, got {cfg.json_path!r}")
 
 
 def shapes(quick):
@@ -72,12 +91,11 @@ def bench_models(moe, impls):
             for routing in (("real", "balanced") if cfg.n_experts else ("-",))]
 
 
-def dispatch_paths(moe, device, dtype, compiled):
+def dispatch_paths(dtype, compiled):
     """The MoE dispatch paths to time: grouped and loop, or the loop alone where torch's grouped GEMM cannot
-    run: compiled it takes bf16 only (torch 2.13; on CPU, eagerly, fp32 too)."""
-    widths = [moe.n_embd, moe.expert_hidden // 4]  # the narrowest experts benched are E64k8's
-    works = grouped_mm_works(device, dtype, widths) and (dtype == torch.bfloat16 or not compiled)
-    return ("grouped", "loop") if works else ("loop",)
+    run: compiled, it takes bf16 only (torch 2.13; see model.use_grouped_mm). The benched widths are all
+    multiples of 16 bytes, as it needs."""
+    return ("grouped", "loop") if dtype == torch.bfloat16 or not compiled else ("loop",)
 
 
 class Runner:
@@ -140,8 +158,10 @@ def peak_memory(cfg, routing, compiled, batch_size, device, dtype):
         return torch.cuda.max_memory_allocated()
     if not os.path.exists("/proc/self/status"):
         return float("nan")  # CPU memory is read from Linux's /proc
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(cpu_peak_memory, ((asdict(cfg), routing, compiled, batch_size, str(dtype).split(".")[1], 2),))
+    # Ctrl-C is the main process's to handle: the worker ignores it
+    with multiprocessing.get_context("spawn").Pool(1, signal.signal, (signal.SIGINT, signal.SIG_IGN)) as pool:
+        return pool.apply(cpu_peak_memory, ((asdict(cfg), routing, compiled, batch_size, str(dtype).split(".")[1],
+                                             2),))
 
 
 def data_cost(batch_size, block_size, device):
@@ -162,31 +182,34 @@ def data_cost(batch_size, block_size, device):
         return statistics.median(times)
 
 
-def time_steps(runners, warmup, repeats):
+def time_steps(runners, labels, warmup, repeats):
     """Per runner, the seconds of `repeats` training steps after `warmup` untimed ones. Interleaved: each
     round times every model once, so that the machine's slow and fast moments hit all models alike."""
-    for runner in runners:
+    for runner, label in zip(runners, labels):
+        t = time.perf_counter()
         for _ in range(warmup):
             runner.step()
+        print(f"warm-up of {label}: {warmup} steps in {time.perf_counter() - t:.1f}s")
     times = [[] for _ in runners]
-    for _ in range(repeats):
+    for i in range(repeats):
         for runner, runner_times in zip(runners, times):
             runner_times.append(runner.step())
+        print(f"timed round {i + 1} of {repeats}: " + ", ".join(f"{label} {runner_times[-1] * 1000:.0f}ms"
+                                                               for label, runner_times in zip(labels, times)))
     return times
 
 
 def run(cfg):
     """Time every model of bench_models; print the table and return its rows."""
+    check_knobs(cfg)
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           "cpu" if cfg.device == "auto" else cfg.device)
-    if cfg.dtype not in ("float32", "bfloat16"):
-        raise UserError(f"dtype must be 'float32' or 'bfloat16', got {cfg.dtype!r}")
     dtype = getattr(torch, cfg.dtype)
     compiled = use_compile(cfg.compile, device)
     if device.type == "cpu":
         keep_freed_memory()  # as train.py does on CPU
     moe, batch_size = shapes(cfg.quick)
-    impls = dispatch_paths(moe, device, dtype, compiled)
+    impls = dispatch_paths(dtype, compiled)
     models = bench_models(moe, impls)
     machine = device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     peak, peak_note = peak_flops(device_name(device), dtype)
@@ -201,11 +224,14 @@ def run(cfg):
         # every compiled model adds an entry for GPT.forward's code to dynamo's cache, which keeps recompile_limit
         # of them (8): past it, a model would fail under fullgraph. One per model, twice over for CUDA's memory runs
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * len(models))
+    labels = [f"{name} {model_cfg.moe_impl} {routing}" if model_cfg.n_experts else name
+              for name, model_cfg, routing in models]
     runners = [Runner(model_cfg, routing, compiled, batch_size, device, dtype) for _, model_cfg, routing in models]
-    times = time_steps(runners, cfg.warmup, cfg.repeats)
+    times = time_steps(runners, labels, cfg.warmup, cfg.repeats)
     del runners
     results = []
-    for (name, model_cfg, routing), model_times in zip(models, times):
+    for (name, model_cfg, routing), label, model_times in zip(models, labels, times):
+        print(f"peak memory of {label}...")
         seconds = statistics.median(model_times)
         tokens_per_s = batch_size * model_cfg.block_size / seconds
         results.append({
@@ -252,10 +278,17 @@ def table(results):
 
 
 def main(argv):
+    if "-h" in argv or "--help" in argv:
+        print(usage(__doc__, {k: globals()[k] for k in KEYS}, [__file__]))
+        return
+    sys.stdout.reconfigure(line_buffering=True)  # each line as it is printed, into a file or pipe too
     try:
         run(SimpleNamespace(**configure(argv, {k: globals()[k] for k in KEYS})))
     except UserError as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

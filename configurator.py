@@ -22,6 +22,12 @@ class UserError(Exception):
     """A mistake the user can fix (bad config, missing file...): the scripts print it as one line."""
 
 
+def kind(default):
+    """'an int', 'a float', 'a str'...: the type a knob expects, for messages."""
+    name = type(default).__name__
+    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
+
+
 def coerce(key, value, default):
     """value converted to the type of default, or UserError naming the key."""
     if isinstance(default, str):
@@ -38,7 +44,7 @@ def coerce(key, value, default):
     elif isinstance(default, (tuple, list)):
         if isinstance(value, (tuple, list)):
             return tuple(value)
-    raise UserError(f"{key} expects a {type(default).__name__} (like {default!r}), got {value!r}")
+    raise UserError(f"{key} expects {kind(default)} (like {default!r}), got {value!r}")
 
 
 def check_key(key, defaults):
@@ -72,12 +78,18 @@ def parse_value(key, text, default):
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):
-        raise UserError(f"{key}: cannot parse {text!r} as a {type(default).__name__}") from None
+        raise UserError(f"{key}: cannot parse {text!r} as {kind(default)}") from None
 
 
 def configure(argv, defaults):
     """Apply config files and --key=value arguments in argv over defaults; return the new dict."""
-    config = dict(defaults)
+    return {**defaults, **overrides(argv, defaults)}
+
+
+def overrides(argv, defaults):
+    """{key: value} of the keys that the config files and --key=value arguments in argv set, in order (a
+    resumed run refuses those that would change it, see train.resume_config)."""
+    config = {}
     for arg in argv:
         if arg.startswith("--"):
             key, eq, text = arg[2:].partition("=")
@@ -92,18 +104,20 @@ def configure(argv, defaults):
 
 
 def knob_comments(path):
-    """{name: comment} for each line `name = value  # comment` (or `name: type = value  # comment`) of a Python
-    file: the one-line docs of a script's knobs, or of a dataclass's fields. The first definition of a name wins."""
-    comments, line = {}, []
-    for token in tokenize.generate_tokens(io.StringIO(open(path).read()).readline):
-        assignment = line and line[0].type == tokenize.NAME and "=" in [t.string for t in line]
-        if token.type == tokenize.COMMENT and assignment:
-            comments.setdefault(line[0].string, token.string.lstrip("#").strip())
-        if token.type in (tokenize.NEWLINE, tokenize.NL):
-            line = []
-        elif token.type not in (tokenize.INDENT, tokenize.DEDENT, tokenize.COMMENT):
-            line.append(token)
-    return comments
+    """{name: comment} for each line `name = value  # comment` (or `name: type = value  # comment`) at the top
+    level of a Python file or of a class in it: the one-line docs of a script's knobs, or of a dataclass's
+    fields (not of a function's local variables). The first definition of a name wins."""
+    source = open(path).read()
+    comments = {token.start[0]: token.string.lstrip("#").strip()
+                for token in tokenize.generate_tokens(io.StringIO(source).readline) if token.type == tokenize.COMMENT}
+    tree = ast.parse(source)
+    statements = [*tree.body, *(s for c in tree.body if isinstance(c, ast.ClassDef) for s in c.body)]
+    docs = {}
+    for statement in statements:
+        target = statement.targets[0] if isinstance(statement, ast.Assign) else getattr(statement, "target", None)
+        if isinstance(target, ast.Name) and statement.lineno in comments:
+            docs.setdefault(target.id, comments[statement.lineno])
+    return docs
 
 
 def usage(doc, defaults, paths):
@@ -112,7 +126,8 @@ def usage(doc, defaults, paths):
     comments = {}
     for path in paths:
         comments = {**knob_comments(path), **comments}
-    knobs = [(f"--{key}={value}", comments.get(key, "")) for key, value in defaults.items()]
+    shown = lambda value: value if not isinstance(value, str) or value.isprintable() else repr(value)  # "\n"
+    knobs = [(f"--{key}={shown(value)}", comments.get(key, "")) for key, value in defaults.items()]
     width = max(len(knob) for knob, _ in knobs)
     return "\n".join([doc.strip(), "", "knobs, set by config files or --key=value (shown with their defaults):",
                       *(f"  {knob:<{width}}  {comment}".rstrip() for knob, comment in knobs)])

@@ -11,13 +11,17 @@ then write out/<name>/report.md with tables, curves.png and gaps.png (report.py 
     python experiment.py config/cpu_moe.py --sweep="n_experts=4,8;top_k=1,2"      # a grid
     python experiment.py --plot_run=out/cpu_moe      # one run's expert load: out/cpu_moe/expert_load.png
 
-Runs go to out/<name>/<model>-s<seed>/ (with any sweep values in the name); finished runs are
-skipped and interrupted ones resumed, so the same command continues an experiment. Any train.py
-knob can be given too (--max_iters=..., --device=...): it applies to every run.
+Runs go to out/<name>/<model>-s<seed>/ (with any sweep values in the name; out/ in the current
+directory), each with its train.log; finished runs are skipped and interrupted ones resumed, so the same
+command continues an experiment. Progress and the time left are printed at least every minute. Any train.py
+knob can be given too (--max_iters=..., --device=...; `python train.py --help` lists them): it applies to
+every run.
 """
 
 import itertools
 import os
+import re
+import signal
 import subprocess
 import sys
 import time
@@ -25,23 +29,41 @@ from dataclasses import dataclass, field, replace
 from types import SimpleNamespace
 
 import train
-from configurator import UserError, configure
+from configurator import UserError, configure, usage
+from prepare import PLAIN_NAME
 from report import point_label, routing_history, write_expert_load, write_report
-from runtime import ROOT, read_log
+from runtime import ROOT, duration, read_log
 
 # -----------------------------------------------------------------------------
 name = ""  # out/<name>/ holds the runs and the report; default: the config file's name (+ the sweep)
-seeds = 3  # runs per model, with seeds seed, seed + 1, ...
+seeds = 3  # runs per model (at least 1), with seeds seed, seed + 1, ... (each below 2**63)
 sweep = ""  # MoE variants to train: "key=v1,v2" or a grid "key=v1,v2;key2=w1,w2"
 match = ""  # dense baselines beside each MoE: "both", "active", "total", "none"; default: both, or none in a sweep
 hold_active = True  # in a sweep over top_k, rescale expert_hidden so that top_k * expert_hidden stays the same
-jobs = 1  # runs at once; on CPU each gets cpu_count / jobs threads
+jobs = 1  # runs at once (at least 1); on CPU each gets cpu_count / jobs threads
 report_only = False  # only rewrite the report from the runs already in out/<name>/
 plot_run = ""  # only draw one train.py run's expert load: --plot_run=out/cpu_moe writes out/cpu_moe/expert_load.png
 # -----------------------------------------------------------------------------
 EXPERIMENT_KEYS = [k for k, v in list(globals().items()) if not k.startswith("_") and k.islower()
                    and isinstance(v, (int, float, bool, str))]
+PROGRESS_SECONDS = 60  # while runs go, a progress line at least this often
 BASELINES = {"both": ["dense-active", "dense-total"], "active": ["dense-active"], "total": ["dense-total"], "none": []}
+
+
+def check_knobs(cfg, points):
+    """The valid range of every knob above, and of train.py's knobs at every sweep point (the models
+    themselves are checked by plan's caller), before any run starts."""
+    if cfg.match not in ("", *BASELINES):
+        raise UserError(f"match must be one of both, active, total, none; got {cfg.match!r}")
+    if cfg.seeds < 1 or cfg.jobs < 1:
+        raise UserError(f"seeds and jobs must be at least 1, got seeds={cfg.seeds}, jobs={cfg.jobs}")
+    if cfg.name and not re.fullmatch(PLAIN_NAME, cfg.name):  # out/<name> must stay in out/
+        raise UserError(f"name must be a plain folder name (letters, digits, '.', '_', '-'), got {cfg.name!r}")
+    for point in points:  # match is the experiment's own knob here: plan gives each run train.py's
+        train.check_knobs(SimpleNamespace(**{**vars(cfg), **point, "match": "none"}))
+    if cfg.seed + cfg.seeds > 2**63:
+        raise UserError(f"seed + seeds must not pass 2**63 (the seeds are seed .. seed + seeds - 1), got seed="
+                        f"{cfg.seed}, seeds={cfg.seeds}")
 
 
 @dataclass(frozen=True)
@@ -72,7 +94,7 @@ def parse_sweep(text, defaults):
     axes = []
     for part in text.split(";"):
         key, eq, values = part.partition("=")
-        if not eq or not values:
+        if not eq or not values or not key.strip():
             raise UserError(f"sweep expects key=v1,v2[;key2=w1,w2], got {part!r}")
         key = key.strip()
         axes.append([(key, configure([f"--{key}={v.strip()}"], defaults)[key]) for v in values.split(",")])
@@ -115,6 +137,14 @@ def run_log(run):
     return read_log(os.path.join(run.out_dir, "metrics.jsonl"))
 
 
+def logged_iter(run):
+    """The last iteration the run has logged (0 before it starts); read while the run may be writing, so a
+    record only partly written does not count."""
+    path = os.path.join(run.out_dir, "metrics.jsonl")
+    text = open(path).read() if os.path.exists(path) else ""
+    return max(map(int, re.findall(r'"iter": (\d+)[,}]', text)), default=0)
+
+
 def finished(run):
     """Whether the run has evaluated at its last step (so a larger max_iters continues finished runs)."""
     return any("val_loss" in r and r["iter"] == run.max_iters for r in run_log(run))
@@ -127,21 +157,44 @@ def command(run):
 
 
 def execute(runs, jobs):
-    """Run what is not finished yet, `jobs` at a time; a failed run stops the experiment."""
+    """Run what is not finished yet, `jobs` at a time, printing progress and the time left; a failed run stops
+    the experiment. The runs are started in their own session, so that a Ctrl-C reaches them once, from here:
+    on Ctrl-C each running run gets one SIGINT and is waited for while it writes its checkpoint (a second
+    Ctrl-C stops them at once)."""
+    running = []  # (run, process, start time)
+    try:
+        run_pending(runs, jobs, running)
+    except KeyboardInterrupt:
+        stop_runs([proc for _, proc, _ in running])
+        raise KeyboardInterrupt("the runs in progress stopped with a checkpoint: run the same command again "
+                                "to continue") from None
+
+
+def run_pending(runs, jobs, running):
+    """execute()'s loop; `running` holds the runs in progress."""
     todo = [r for r in runs if not finished(r)]
     print(f"{len(runs) - len(todo)} of {len(runs)} runs already finished; {len(todo)} to go")
     env = dict(os.environ)
     if jobs > 1:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
-    running = []  # (run, process, start time)
-    while todo or running:
-        while todo and len(running) < jobs:
-            run = todo.pop(0)
+    first = {r.out_dir: logged_iter(r) for r in todo}  # where each run starts (a resumed one, past 0)
+    total = sum(r.max_iters - first[r.out_dir] for r in todo)  # optimizer steps to run, in all
+    done_steps, done_runs, t_start, t_said = 0, 0, time.time(), time.time()
+
+    def standing():  # runs and steps done (those of the running runs too), and the time left
+        steps = done_steps + sum(logged_iter(r) - first[r.out_dir] for r, _, _ in running)
+        return progress(done_runs, len(todo), steps, total, time.time() - t_start)
+
+    queue = list(todo)
+    while queue or running:
+        while queue and len(running) < jobs:
+            run = queue.pop(0)
             os.makedirs(run.out_dir, exist_ok=True)
             log = open(os.path.join(run.out_dir, "train.log"), "a")
-            print(f"start {run.label} seed {run.seed}: {' '.join(command(run)[1:])}")
-            running.append((run, subprocess.Popen(command(run), stdout=log, stderr=subprocess.STDOUT, env=env),
-                            time.time()))
+            print(f"start {run.label} seed {run.seed} ({len(todo) - len(queue)} of {len(todo)}, log in "
+                  f"{run.out_dir}/train.log): {' '.join(command(run)[1:])}")
+            running.append((run, subprocess.Popen(command(run), stdout=log, stderr=subprocess.STDOUT, env=env,
+                                                  start_new_session=True), time.time()))
         time.sleep(1)
         for item in list(running):
             run, proc, t0 = item
@@ -149,12 +202,46 @@ def execute(runs, jobs):
                 continue
             running.remove(item)
             if proc.returncode != 0:
-                for _, other, _ in running:
-                    other.terminate()
+                stop_runs([other for _, other, _ in running])
                 tail = open(os.path.join(run.out_dir, "train.log")).read().strip().splitlines()[-1:]
                 raise UserError(f"run {run.out_dir} failed ({tail[0] if tail else 'no output'}); fix it and run the "
                                 f"same command again to continue")
-            print(f"done  {run.label} seed {run.seed} in {time.time() - t0:.0f}s")
+            done_steps += run.max_iters - first[run.out_dir]
+            done_runs += 1
+            print(f"done  {run.label} seed {run.seed} in {duration(time.time() - t0)}; {standing()}")
+            t_said = time.time()
+        if running and time.time() - t_said >= PROGRESS_SECONDS:
+            now = ", ".join(f"{r.label} seed {r.seed} at iteration {logged_iter(r)} of {r.max_iters}"
+                            for r, _, _ in running)
+            print(f"      {now}; {standing()}")
+            t_said = time.time()
+
+
+def progress(done_runs, n_runs, steps, total, seconds):
+    """'2 of 6 runs done, 1,200 of 3,000 steps, about 4.5 min left': the time left at the pace so far."""
+    left = f", about {duration(seconds / steps * (total - steps))} left" if 0 < steps < total else ""
+    return f"{done_runs} of {n_runs} runs done, {steps:,} of {total:,} steps{left}"
+
+
+def warmup_warnings(cfg, runs):
+    """Runs that end before their learning-rate warmup does (as a sweep over max_iters may make some): one
+    warning line for each such pair of max_iters and warmup_iters."""
+    pairs = dict.fromkeys((r.max_iters, r.overrides.get("warmup_iters", cfg.warmup_iters)) for r in runs)
+    return [f"warning: max_iters={m} is below warmup_iters={w}: those runs end while the learning rate still "
+            f"warms up, at {m / (w + 1):.0%} of learning_rate" for m, w in pairs if m < w]
+
+
+def stop_runs(procs):
+    """Stop training processes as a Ctrl-C would (each writes a checkpoint) and wait for them; a Ctrl-C while
+    waiting passes on, and stops them at once."""
+    for proc in procs:
+        proc.send_signal(signal.SIGINT)
+    for proc in procs:
+        while proc.poll() is None:
+            try:
+                proc.wait()
+            except KeyboardInterrupt:
+                proc.send_signal(signal.SIGINT)
 
 
 def collect(runs):
@@ -174,16 +261,16 @@ def collect(runs):
 
 
 def main(argv):
+    if "-h" in argv or "--help" in argv:
+        print(usage(__doc__, {k: globals()[k] for k in EXPERIMENT_KEYS}, [__file__]))
+        return
+    sys.stdout.reconfigure(line_buffering=True)  # each line as it is printed, into a file or pipe too
     try:
         defaults = {**train.defaults(), **{k: globals()[k] for k in EXPERIMENT_KEYS}}
         cfg = SimpleNamespace(**configure(argv, defaults))
         if cfg.plot_run:
             print(f"expert load: {write_expert_load(cfg.plot_run)}")
             return
-        if cfg.match not in ("", *BASELINES):
-            raise UserError(f"match must be one of both, active, total, none; got {cfg.match!r}")
-        if cfg.seeds < 1 or cfg.jobs < 1:
-            raise UserError("seeds and jobs must be at least 1")
         files = [a for a in argv if not a.startswith("--")]
         sweep_name = cfg.sweep.replace(";", "_").replace("=", "").replace(",", "-")
         config_name = os.path.splitext(os.path.basename(files[0]))[0] if files else "default"
@@ -191,18 +278,26 @@ def main(argv):
         # every run gets the config files and the train.py knobs given here, plus its own overrides
         own_keys = (*EXPERIMENT_KEYS, "out_dir", "seed", "match", "init_from", "overwrite")
         train_args = files + [a for a in argv if a.startswith("--") and a[2:].split("=")[0] not in own_keys]
-        if cfg.vocab_size == 0:
-            cfg.vocab_size = train.load_meta(os.path.join(cfg.data_root, cfg.dataset), cfg.dataset)["vocab_size"]
         points = parse_sweep(cfg.sweep, vars(cfg))
+        check_knobs(cfg, points)
+        data_dir = os.path.join(cfg.data_root, cfg.dataset)
+        if cfg.vocab_size == 0:
+            cfg.vocab_size = train.load_meta(data_dir, cfg.dataset)["vocab_size"]
         runs = plan(cfg, points, train_args, exp_dir)
         for r in runs:  # every variant must be a valid model that can be matched, before any training
             configured_model(cfg, match_of(r.model), **r.overrides)
+        for line in warmup_warnings(cfg, runs):
+            print(line)
+        train.load_data(cfg.dataset, data_dir, configured_model(cfg), None)  # its files, checked once for all runs
         t0 = time.time()
         if not cfg.report_only:
             execute(runs, cfg.jobs)
         print(f"report: {write_report(cfg, collect(runs), points, exp_dir, time.time() - t0, argv)}")
     except UserError as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt as e:
+        print(f"interrupted: {e}" if str(e) else "interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -28,12 +28,12 @@ class GPTConfig:
     # --- the decoder ---
     block_size: int = 256  # context length in tokens
     vocab_size: int = 0  # 0: train.py takes it from the dataset's meta.json; may be set larger
-    n_layer: int = 6
-    n_head: int = 8
+    n_layer: int = 6  # transformer blocks
+    n_head: int = 8  # attention heads per block
     n_embd: int = 256  # model width C; head size n_embd / n_head must be even (rotary)
     ffn_hidden: int = 0  # dense SwiGLU hidden size; 0: LLaMA's 8/3 * n_embd rounded up to 16
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0  # base of the rotary embeddings' frequencies
+    norm_eps: float = 1e-5  # epsilon of RMSNorm
     tie_embeddings: bool = True  # share the token embedding with the output layer
     # --- Mixture of Experts (used when n_experts > 0) ---
     n_experts: int = 0  # routed experts E per layer; 0: dense model
@@ -52,6 +52,7 @@ class GPTConfig:
     moe_impl: str = "auto"  # "grouped" (one grouped GEMM), "loop" (per expert) or "auto"
 
     def __post_init__(self):
+        self.validate()  # the fields as given; a hidden size of 0 is filled in with its default below
         self.expert_groups = tuple(tuple(g) for g in self.expert_groups)
         if self.ffn_hidden == 0:
             self.ffn_hidden = 16 * math.ceil(8 * self.n_embd / 3 / 16)
@@ -61,36 +62,43 @@ class GPTConfig:
             self.n_experts = sum(n for n, _ in self.expert_groups)
         if self.shared_expert_hidden == 0:
             self.shared_expert_hidden = self.expert_hidden
-        self.validate()
 
     def validate(self):
-        """Raise ValueError with one readable line for a config that cannot be built."""
+        """The valid range of every field: raise ValueError with one line naming the field for a config that
+        cannot be built."""
         def check(ok, msg):
             if not ok:
                 raise ValueError(msg)
 
-        for name in ("block_size", "n_layer", "n_head", "n_embd", "ffn_hidden"):
+        for name in ("block_size", "n_layer", "n_head", "n_embd"):
             check(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
-        check(self.vocab_size >= 0, f"vocab_size must be >= 0, got {self.vocab_size}")
+        for name in ("vocab_size", "ffn_hidden", "n_experts", "expert_hidden", "n_shared_experts",
+                     "shared_expert_hidden"):
+            check(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         check(self.n_embd % self.n_head == 0,
               f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         check((self.n_embd // self.n_head) % 2 == 0,
               f"head size n_embd/n_head = {self.n_embd // self.n_head} must be even for rotary embeddings")
-        check(self.n_experts >= 0, f"n_experts must be >= 0, got {self.n_experts}")
+        for name in ("rope_theta", "norm_eps"):
+            check(0 < getattr(self, name) < math.inf, f"{name} must be a positive finite number, got "
+                                                      f"{getattr(self, name)}")
+        for name in ("aux_loss_coef", "z_loss_coef", "bias_update_rate", "capacity_factor"):
+            check(0 <= getattr(self, name) < math.inf, f"{name} must be a finite number >= 0, got "
+                                                       f"{getattr(self, name)}")  # NaN fails too
         check(self.router_score in ("softmax", "sigmoid"),
               f"router_score must be 'softmax' or 'sigmoid', got {self.router_score!r}")
         check(self.balance in ("switch", "aux_free", "none"),
               f"balance must be 'switch', 'aux_free' or 'none', got {self.balance!r}")
         check(self.moe_impl in ("auto", "grouped", "loop"),
               f"moe_impl must be 'auto', 'grouped' or 'loop', got {self.moe_impl!r}")
-        check(self.capacity_factor >= 0, f"capacity_factor must be >= 0, got {self.capacity_factor}")
-        check(self.n_shared_experts >= 0, f"n_shared_experts must be >= 0, got {self.n_shared_experts}")
-        check(all(len(g) == 2 and g[0] > 0 and g[1] > 0 for g in self.expert_groups),
-              f"expert_groups must be ((count, hidden), ...) with positive numbers, got {self.expert_groups}")
-        if self.n_experts > 0:
-            check(1 <= self.top_k <= self.n_experts,
-                  f"top_k ({self.top_k}) must be between 1 and n_experts ({self.n_experts})")
-            check(self.expert_hidden > 0, f"expert_hidden must be positive, got {self.expert_hidden}")
+        check(isinstance(self.expert_groups, (tuple, list)) and all(
+            isinstance(g, (tuple, list)) and len(g) == 2 and all(type(v) is int and v > 0 for v in g)
+            for g in self.expert_groups),
+            f"expert_groups must be ((count, hidden), ...) of positive whole numbers, like ((4, 256), (4, 768)); "
+            f"got {self.expert_groups!r}")
+        n_experts = sum(n for n, _ in self.expert_groups) or self.n_experts
+        if n_experts > 0:
+            check(1 <= self.top_k <= n_experts, f"top_k ({self.top_k}) must be between 1 and n_experts ({n_experts})")
 
     @property
     def expert_sizes(self):
@@ -180,16 +188,52 @@ def compute_dtype(x):
     return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
 
 
-def grouped_mm_works(device, dtype, widths):
-    """Whether torch's grouped GEMM can run here: on CPU in fp32 or bf16 eagerly but only bf16
-    under torch.compile (torch 2.13); on CUDA in bf16 from Ampere (SM 8.0) on, with every matrix
-    width (n_embd, expert hidden sizes) a multiple of 8, as its kernels need 16-byte aligned rows."""
-    if device.type == "cpu":
-        return dtype == torch.bfloat16 or (dtype == torch.float32 and not torch.compiler.is_compiling())
-    if device.type == "cuda":
-        return (dtype == torch.bfloat16 and torch.cuda.get_device_capability(device)[0] >= 8
-                and all(w % 8 == 0 for w in widths))
-    return False
+GROUPED_MM_FALLBACK_SYNCS = 9  # host syncs per MoE layer and step in grouped_mm's fallback: 3 GEMMs, 2 each backward
+
+
+@torch.compiler.assume_constant_result  # dynamo cannot trace a CUDA query: it calls this once and keeps the answer
+def cuda_capability(device):
+    """The compute capability (major, minor) of a CUDA device; None elsewhere and on ROCm, whose grouped
+    GEMM torch 2.13 runs through the fallback unless an environment variable turns its kernel on."""
+    if device.type != "cuda" or torch.version.hip:
+        return None
+    return torch.cuda.get_device_capability(device)
+
+
+def use_grouped_mm(device_type, capability, dtype, widths, n_experts, compiling):
+    """Whether moe_impl="auto" runs the experts as one grouped GEMM rather than the per-expert loop, from
+    the device type, its CUDA capability (cuda_capability), the dtype matmuls run in, the matrix widths
+    (n_embd and the expert hidden sizes), n_experts, and whether torch.compile is tracing. In torch 2.13:
+    - grouped_mm needs rows aligned to 16 bytes on every device, and compiled it takes bf16 only;
+    - on CPU it beats the loop (README, Performance);
+    - on CUDA, _grouped_mm_cuda (aten/src/ATen/native/cuda/GroupedBlas.cpp) runs its fused CUTLASS kernel
+      for bf16 when the capability's major is 9 or 10 (_scaled_mm_allowed_device(sm90_only, sm100_only):
+      H100, H200, B200, GB200); on every other GPU _grouped_mm_fallback copies the group ends to the host
+      and runs one matmul per expert, GROUPED_MM_FALLBACK_SYNCS syncs per layer and step where the loop
+      syncs once per expert (torch.where). So the loop, unless there are more experts than that."""
+    runs = all(w * dtype.itemsize % 16 == 0 for w in widths) and (
+        dtype == torch.bfloat16 or (dtype == torch.float32 and not compiling))
+    if not runs or device_type not in ("cpu", "cuda"):
+        return False
+    if device_type == "cpu":
+        return True
+    fast_kernel = dtype == torch.bfloat16 and capability is not None and capability[0] in (9, 10)
+    return fast_kernel or n_experts > GROUPED_MM_FALLBACK_SYNCS
+
+
+def empty_groups_get_gradients(device):
+    """Whether torch's grouped GEMM can give an expert that received no slots a non-zero weight gradient:
+    on SM100 (B200-class) GPUs in torch 2.13 (pytorch/pytorch#172439; Hopper and the CPU give zeros)."""
+    capability = cuda_capability(device)  # not torch.cuda.get_device_capability: it breaks the compiled graph
+    return capability is not None and capability[0] >= 10
+
+
+def slots_per_expert(experts, n_experts):
+    """(E,) int64: how many of the N*K slots chose each expert. A scatter-add into E zeros, not
+    torch.bincount, whose output length depends on the data: that costs a device-to-host sync on CUDA
+    and a graph break under torch.compile."""
+    flat = experts.flatten()
+    return torch.zeros(n_experts, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
 
 
 class Experts(nn.Module):
@@ -221,14 +265,19 @@ class Experts(nn.Module):
         w2 = torch.cat([F.pad(w, (0, 0, 0, H - w.shape[1])) for w in self.w2])
         return w1, w3, w2
 
-    def grouped(self, xs, offs, gate):
-        """All experts on their slots at once: xs (N*K, C) sorted by expert, offs (E,) int32 group ends,
+    def grouped(self, xs, load, gate):
+        """All experts on their slots at once: xs (N*K, C) sorted by expert, load (E,) slots per expert,
         gate (N*K,) each slot's routing weight. Returns gate * expert(xs), (N*K, C)."""
         w1, w3, w2 = self.stacked()
-        dtype = compute_dtype(xs)
-        xs, w1, w3, w2 = (t.to(dtype) for t in (xs, w1, w3, w2))  # grouped_mm is not autocast-aware
+        if empty_groups_get_gradients(xs.device):
+            # an expert with no slots must get a zero gradient: pass its weights through a where() (they
+            # are unused anyway), whose backward puts exact zeros there whatever the kernel wrote, NaN too
+            used = (load > 0)[:, None, None]  # (E, 1, 1)
+            w1, w3, w2 = (torch.where(used, w, 0.0) for w in (w1, w3, w2))
+        offs = load.cumsum(0).to(torch.int32)  # (E,) where each expert's group ends
+        w1, w3, w2 = (w.to(xs.dtype) for w in (w1, w3, w2))
         h = F.silu(F.grouped_mm(xs, w1, offs=offs)) * F.grouped_mm(xs, w3, offs=offs)  # (N*K, H)
-        gate = gate[:, None].to(dtype)
+        gate = gate[:, None].to(xs.dtype)
         if h.shape[1] < xs.shape[1]:  # gate * (h @ w2) = (gate * h) @ w2: scale the narrower tensor
             return F.grouped_mm(h * gate, w2, offs=offs)  # (N*K, C)
         return F.grouped_mm(h, w2, offs=offs) * gate
@@ -260,14 +309,17 @@ class MoE(nn.Module):
         B, T, C = x.shape
         x = x.reshape(B * T, C)  # (N, C)
         logits, scores, weights, experts = self.route(x)  # (N, E), (N, E), (N, K), (N, K)
+        load = slots_per_expert(experts, self.config.n_experts)  # (E,) slots per expert
         keep = self.within_capacity(experts, weights) if self.config.capacity_factor > 0 else None  # (N, K)
         if keep is not None:
             weights = weights * keep  # a dropped slot adds nothing: its token keeps only the residual
-        load = torch.bincount(experts.flatten(), minlength=self.config.n_experts).float()  # (E,) slots per expert
-        aux_loss, z_loss = self.router_losses(logits, scores, load)
-        counts = self.routing_counts(scores, load, keep)
-        dispatch = self.dispatch_grouped if self.use_grouped(x) else self.dispatch_loop
-        y = dispatch(x, weights.to(x.dtype), experts)  # (N, C) each token's K expert outputs, weighted and summed
+        aux_loss, z_loss = self.router_losses(logits, scores, load.float())
+        counts = self.routing_counts(scores, load.float(), keep)
+        # (N, C): each token's K expert outputs, weighted and summed
+        if self.use_grouped(x):
+            y = self.dispatch_grouped(x, weights.to(x.dtype), experts, load)
+        else:
+            y = self.dispatch_loop(x, weights.to(x.dtype), experts)
         if self.shared is not None:
             y = y + self.shared(x)
         return y.view(B, T, C), aux_loss, z_loss, counts
@@ -299,8 +351,8 @@ class MoE(nn.Module):
         flat_e, flat_w = experts.flatten(), weights.flatten()  # (N*K,)
         by_weight = flat_w.argsort(descending=True, stable=True)
         order = by_weight[flat_e[by_weight].argsort(stable=True)]  # by expert, then by weight descending
-        counts = torch.bincount(flat_e, minlength=E)  # (E,)
-        starts = counts.cumsum(0) - counts  # (E,) first sorted position of each expert
+        load = slots_per_expert(experts, E)  # (E,)
+        starts = load.cumsum(0) - load  # (E,) first sorted position of each expert
         rank = torch.empty_like(order)
         rank[order] = torch.arange(N * K, device=order.device) - starts[flat_e[order]]  # place in its queue
         return (rank < capacity).view(N, K)
@@ -327,18 +379,19 @@ class MoE(nn.Module):
 
     def use_grouped(self, x):
         if self.config.moe_impl == "auto":
-            return grouped_mm_works(x.device, compute_dtype(x), [x.shape[1], *self.config.expert_sizes])
+            return use_grouped_mm(x.device.type, cuda_capability(x.device), compute_dtype(x),
+                                  [x.shape[1], *self.config.expert_sizes], self.config.n_experts,
+                                  torch.compiler.is_compiling())
         return self.config.moe_impl == "grouped"
 
-    def dispatch_grouped(self, x, weights, experts):
+    def dispatch_grouped(self, x, weights, experts, load):
         """Sort the N*K slots by expert, run every expert in one grouped GEMM, scatter-add back.
         Shapes stay (N*K, ...) whatever the routing, so torch.compile traces it once."""
-        N, K = experts.shape
-        flat_e = experts.flatten()  # (N*K,)
-        order = flat_e.argsort(stable=True)  # (N*K,) slot ids grouped by expert
+        K = experts.shape[1]
+        order = experts.flatten().argsort(stable=True)  # (N*K,) slot ids grouped by expert
         token = order // K  # (N*K,) the token each sorted slot belongs to
-        offs = torch.bincount(flat_e, minlength=self.config.n_experts).cumsum(0).to(torch.int32)  # (E,) group ends
-        ys = self.experts.grouped(x.index_select(0, token), offs, weights.flatten()[order])  # (N*K, C) weighted
+        xs = x.index_select(0, token).to(compute_dtype(x))  # (N*K, C); grouped_mm is not autocast-aware
+        ys = self.experts.grouped(xs, load, weights.flatten()[order])  # (N*K, C) weighted
         return torch.zeros_like(x).index_add_(0, token, ys.to(x.dtype))  # (N, C) sum over each token's K slots
 
     def dispatch_loop(self, x, weights, experts):
@@ -430,7 +483,9 @@ class GPT(nn.Module):
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
-        fused = device_type == "cuda"  # fused AdamW: one kernel for all parameters
+        # fused AdamW: one kernel for all parameters; on CPU ~5x faster than the per-tensor loop, which
+        # matters most for an MoE, whose optimizer step touches every expert's weights
+        fused = device_type in ("cuda", "cpu")
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
 
     @torch.no_grad()

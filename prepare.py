@@ -1,6 +1,7 @@
 """
 Make a dataset for train.py: download a named corpus (or read local text), tokenize it and write
-data_root/<name>/{train.bin, val.bin, meta.json, tokenizer.json}.
+data_root/<name>/{train.bin, val.bin, meta.json, tokenizer.json}. Relative paths (data_root, input files,
+config files) are taken from the current directory, as in train.py.
 
     python prepare.py                                               # TinyStories (~2 GB), GPT-2's tokenizer
     python prepare.py --corpus=tinystories_slice --vocab_size=4096  # its first 20 MB, a 4096-token BPE
@@ -53,7 +54,6 @@ from tqdm import tqdm
 
 from configurator import UserError, configure, usage
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
 EOT = "<|endoftext|>"
 TINYSTORIES_URL = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/"
 TINYSTORIES = (TINYSTORIES_URL + "TinyStoriesV2-GPT4-train.txt", TINYSTORIES_URL + "TinyStoriesV2-GPT4-valid.txt")
@@ -75,7 +75,7 @@ name = ""  # the dataset folder data_root/<name>; default: the corpus's name, or
 vocab_size = 0  # 0: GPT-2's tokenizer (50,257 tokens); else train a byte-level BPE of this size (257 to 2^20)
 val_fraction = 0.1  # share held out for validation where the corpus has no validation file
 slice_mb = 20.0  # tinystories_slice: the first this many MB (10^6 bytes) of the train file
-data_root = os.path.join(ROOT, "data")  # where dataset folders go (and downloads, in data_root/_downloads)
+data_root = "data"  # where dataset folders go (and downloads, in data_root/_downloads)
 url = ""  # download from this base URL (a mirror holding the same file names) instead of the corpus's own
 # -----------------------------------------------------------------------------
 KNOBS = [k for k, v in list(globals().items()) if not k.startswith("_") and k.islower()

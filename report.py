@@ -200,7 +200,8 @@ def gap_lines(runs):
     if not gaps:
         return []
     lines = ["Gaps in best validation loss, paired by seed (positive: the first model is worse):", ""]
-    lines += [f"- {name}: {mean_std(values)} ({len(values)} seeds)" for name, values in gaps.items()]
+    lines += [f"- {name}: {mean_std(values)} ({len(values)} seed{'s' * (len(values) != 1)})"
+              for name, values in gaps.items()]
     moe_runs = [r for r in runs if r.model == "moe" and r.done]
     if moe_runs:
         iters = [it for _, it, _ in moe_runs[0].curve]

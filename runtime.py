@@ -1,8 +1,8 @@
 """
 The machinery around training that is not training itself, so that train.py reads as the loop:
 devices and processes, torch.compile, the CPU allocator, checkpoint files, the metrics log, the
-stop flag, output folders and the code version. Used by train.py, sample.py, bench.py and
-experiment.py.
+stop flag, output folders and their lock, and the code version. Used by train.py, sample.py, bench.py
+and experiment.py.
 """
 
 import ctypes
@@ -12,7 +12,7 @@ import json
 import os
 import signal
 import subprocess
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
 from typing import NamedTuple
 
@@ -22,15 +22,26 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from configurator import UserError
+from model import GPTConfig
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CHECKPOINT_FORMAT = 1  # version of what write_checkpoint stores; load_checkpoint refuses any other
+CHECKPOINT_KEYS = ("model_args", "config", "dataset_vocab_size", "tokenizer", "model", "optimizer", "data_rng",
+                   "iter_num", "best_val_loss", "evaluated_iter", "skipped_steps")  # the last four: train.Progress
+LOCK_FILE = "run.lock"  # in out_dir while a run writes there: the pid of its train.py
 
 
 def print0(*args, **kwargs):
     """print on the first process only (through tqdm, so that a progress bar stays intact)."""
     if int(os.environ.get("RANK", 0)) == 0:
         tqdm.write(" ".join(str(a) for a in args), **kwargs)
+
+
+def duration(seconds):
+    """A wall time for people: '42s', '12.5 min', '3.2 h'."""
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
 
 
 def code_version():
@@ -70,24 +81,60 @@ def pick_device(name):
     return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
 
 
-def setup_system(device, dtype):
-    """The System from the device and dtype knobs and torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE);
-    several processes join one process group (nccl on CUDA, gloo elsewhere)."""
+def check_device(name):
+    """UserError unless name is "auto" or a device this machine has: cpu, cuda, cuda:N or mps."""
+    if name == "auto":
+        return
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device={name}, but this machine has no CUDA GPU that torch {torch.__version__} can use: "
+                        f"use --device=cpu (or auto)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"device={name}, but this machine has {torch.cuda.device_count()} CUDA device(s), "
+                        f"numbered from 0")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"device={name}, but MPS (Apple GPUs) is not available here: use --device=cpu (or auto)")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"device={name}: tinymoe runs on cpu, cuda or mps")
+
+
+def native_bf16(device):
+    """Whether device computes in bf16 natively: CUDA GPUs from Ampere (SM 8.0) on. Without the argument,
+    torch.cuda.is_bf16_supported() also says yes where bf16 is only emulated, slowly (V100, T4)."""
+    return device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+
+
+def pick_dtype(dtype, bf16):
+    """The torch dtype of the dtype knob: "auto" is bfloat16 where the device has it natively (bf16), else
+    float32 (fp16 would need a loss scaler, which train.py does not have)."""
     if dtype not in ("auto", "float32", "bfloat16"):
         raise UserError(f"dtype must be 'auto', 'float32' or 'bfloat16', got {dtype!r}")
+    if dtype == "auto":
+        dtype = "bfloat16" if bf16 else "float32"
+    return getattr(torch, dtype)
+
+
+def setup_system(device, dtype):
+    """The System from the device and dtype knobs and torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE);
+    several processes join one process group: nccl on CUDA, bound to the process's GPU (so that barriers
+    and object collectives use it), gloo elsewhere."""
     name = pick_device(device)
     rank, world = 0, 1
     if int(os.environ.get("RANK", -1)) != -1:
         rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
-        dist.init_process_group(backend="nccl" if name.startswith("cuda") else "gloo")
-        if name.startswith("cuda"):
-            name = f"cuda:{local_rank}"
-            torch.cuda.set_device(name)
+        name = f"cuda:{local_rank}" if name.startswith("cuda") else name
     device = torch.device(name)
-    if dtype == "auto":
-        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        dtype = "bfloat16" if bf16 else "float32"
-    dtype = getattr(torch, dtype)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)  # where this process's CUDA work goes by default
+    dtype = pick_dtype(dtype, native_bf16(device))  # a wrong dtype knob stops before any process group exists
+    if world > 1:
+        if device.type == "cuda":
+            dist.init_process_group(backend="nccl", device_id=device)
+        else:
+            dist.init_process_group(backend="gloo")
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
     return System(device, dtype, autocast, rank, world)
 
@@ -154,10 +201,10 @@ def weights_checksum(model):
 
 def use_compile(value, device):
     """The compile knob, the same in train.py and bench.py: "auto" (on for CUDA), "true" or "false"."""
-    value = value.lower()
-    if value not in ("auto", "true", "false"):
+    choice = value.lower()
+    if choice not in ("auto", "true", "false"):
         raise UserError(f"compile must be 'auto', 'true' or 'false', got {value!r}")
-    return device.type == "cuda" if value == "auto" else value == "true"
+    return device.type == "cuda" if choice == "auto" else choice == "true"
 
 
 def compile_model(model, fullgraph=False):
@@ -180,6 +227,13 @@ def keep_freed_memory():
 
 # -----------------------------------------------------------------------------
 # checkpoints
+
+
+def finite_state(model, optimizer):
+    """Whether every weight, buffer and optimizer state is finite: a checkpoint must not hold anything else."""
+    tensors = [*model.state_dict().values(),
+               *(v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v))]
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors if t.is_floating_point()]).all())
 
 
 def write_checkpoint(path, about, model, optimizer, progress, data_rng, system):
@@ -215,24 +269,40 @@ def save_checkpoint(path, state):
             os.fsync(folder)  # make the rename itself durable
         finally:
             os.close(folder)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:
+        # a write that fails inside torch.save (a full disk) ends in a RuntimeError raised while handling the OSError
+        error = next((x for x in (e, e.__context__) if isinstance(x, OSError)), None)
+        if error is None:
+            raise
         kept = "the previous checkpoint is intact" if os.path.exists(path) else "no checkpoint was written"
-        raise UserError(f"could not write checkpoint {path} ({e.strerror or e}); {kept}") from None
+        raise UserError(f"could not write checkpoint {path} ({error.strerror or error}); {kept}") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
 def load_checkpoint(path):
-    """A checkpoint written by save_checkpoint, or UserError for a missing, truncated or foreign file."""
+    """A checkpoint written by write_checkpoint, or UserError for a missing, truncated or foreign file: one
+    without every key, whose model cannot be built, or whose weights are not finite."""
     if not os.path.exists(path):
         raise UserError(f"no checkpoint at {path}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain data only
     except Exception as e:
         raise UserError(f"cannot read checkpoint {path} (truncated or not a checkpoint): {type(e).__name__}") from None
+    foreign = f"{path} is not a tinymoe checkpoint of format {CHECKPOINT_FORMAT}"
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise UserError(f"{path} is not a tinymoe checkpoint of format {CHECKPOINT_FORMAT}")
+        raise UserError(foreign)
+    missing = [key for key in CHECKPOINT_KEYS if key not in state]
+    if missing:
+        raise UserError(f"{foreign}: it has no {', '.join(missing)}")
+    try:
+        GPTConfig(**state["model_args"])
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{foreign}: its model_args describe no model ({e})") from None
+    weights = [v for v in state["model"].values() if torch.is_tensor(v) and v.is_floating_point()]
+    if not all(torch.isfinite(v).all() for v in weights):
+        raise UserError(f"{path} holds non-finite weights: resume from an earlier copy, or start over")
     return state
 
 
@@ -250,57 +320,145 @@ def load_weights(model, state, path):
 
 
 def read_log(path):
-    """The records of a metrics.jsonl file; [] if there is none."""
+    """The records of a metrics.jsonl file; [] if there is none. A last line cut short (by a kill or a full
+    disk mid-write) is dropped with a warning; any other line that is not a JSON record is a UserError."""
     if not os.path.exists(path):
         return []
-    return [json.loads(line) for line in open(path) if line.strip()]
+    try:
+        lines = open(path, "rb").read().splitlines()
+    except OSError as e:
+        raise UserError(f"cannot read {path} ({e.strerror})") from None
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:  # not JSON, or not UTF-8
+            record = None
+        if isinstance(record, dict):
+            records.append(record)
+        elif number == len(lines):
+            print0(f"warning: dropped the last line of {path}, cut short: {line[:60].decode(errors='replace')!r}")
+        else:
+            raise UserError(f"{path} line {number} is not a JSON record: repair or delete that line")
+    return records
 
 
 def append_log(path, record):
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as e:
+        raise UserError(f"could not write {path} ({e.strerror})") from None
+
+
+def write_log(path, records):
+    """Replace a log with records, atomically (a temp file renamed over it): a kill leaves the old or the new."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        raise UserError(f"could not write {path} ({e.strerror})") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def truncate_log(path, iter_num, evaluated):
-    """Keep the log records up to a resumed checkpoint (at iter_num, its evaluation done or not):
-    drop those a crashed run wrote after it."""
-    keep = [r for r in read_log(path) if r.get("iter", 0) < iter_num
-            or (r.get("iter") == iter_num and ("val_loss" not in r or evaluated))]
-    with open(path, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in keep)
+    """Keep the log records up to a resumed checkpoint (at iter_num, its evaluation done or not) and the
+    records of no iteration (the start record): drop those a crashed run wrote after the checkpoint."""
+    write_log(path, [r for r in read_log(path) if "iter" not in r or r["iter"] < iter_num
+                     or (r["iter"] == iter_num and ("val_loss" not in r or evaluated))])
 
 
 class StopFlag:
-    """Set by SIGINT or SIGTERM: the loop finishes its step, writes a checkpoint and exits 0."""
+    """SIGINT and SIGTERM, caught for as long as the `with` block runs. Once `graceful` is set (train.py's loop),
+    a first signal sets `set`: the loop finishes its step, writes a checkpoint and stops. Before that, or a
+    second time, a signal raises KeyboardInterrupt at once, saying which is the last checkpoint (`checkpoint`,
+    kept up to date by the loop)."""
 
     def __init__(self):
-        self.set = False
+        self.set, self.graceful, self.checkpoint = False, False, "none"
+
+    def __enter__(self):
         self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
 
-    def handle(self, signum, frame):
-        if self.set:  # a second signal: stop now, without a new checkpoint
-            print0(f"{signal.Signals(signum).name} again: stopping now; the last checkpoint is intact")
-            raise SystemExit(130)
-        self.set = True
-        print0(f"{signal.Signals(signum).name}: stopping after this step (send it again to stop at once)")
+    def anywhere(self, system):
+        """Whether any process was signalled. With several processes it is a collective that every process
+        calls after every step, so that all stop after the same one; its tensor is on the process's device,
+        as nccl reduces CUDA tensors only."""
+        if system.world == 1:
+            return self.set
+        flag = torch.tensor(float(self.set), device=system.device)
+        dist.all_reduce(flag)
+        return flag.item() > 0
 
-    def restore(self):
+    def __exit__(self, *exc):
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
 
+    def handle(self, signum, frame):
+        if self.set or not self.graceful:
+            raise KeyboardInterrupt(f"stopped at once; last checkpoint: {self.checkpoint}")
+        self.set = True
+        print0(f"{signal.Signals(signum).name}: stopping after this step (send it again to stop at once)")
 
-def check_out_dir(out_dir, ckpt_path, fresh_start, overwrite):
-    """Refuse to overwrite another run's checkpoint by accident; make sure out_dir is writable; remove
-    the temp files of checkpoint writes that a killed run left behind."""
+
+@contextmanager
+def out_dir_lock(out_dir):
+    """Hold out_dir for one run: its lock file holds this process's pid and is locked (a POSIX lock, which
+    goes with the process however it ends, so the file a killed run leaves is simply taken over); it is
+    removed on exit. out_dir is created if missing, and removed again if nothing else was written to it."""
+    import fcntl  # Unix only: imported here, as in prepare.py, so that this module loads anywhere
+
+    created = not os.path.isdir(out_dir)
+    path = os.path.join(out_dir, LOCK_FILE)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise UserError(f"another train.py (pid {holder}) is running in {out_dir}: wait for it to end, "
+                                f"or give this run another out_dir") from None
+            if os.path.exists(path) and os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break
+            os.close(fd)  # locked a file that a finishing run has just removed: lock the one in place now
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+    except OSError as e:
+        raise UserError(f"out_dir {out_dir} is not writable: {e.strerror}") from None
+    try:
+        yield
+    finally:
+        if os.path.exists(path) and os.stat(path).st_ino == os.fstat(fd).st_ino:
+            os.remove(path)
+        os.close(fd)
+        if created and not os.listdir(out_dir):
+            os.rmdir(out_dir)
+
+
+def check_out_dir(ckpt_path, fresh_start, overwrite):
+    """Refuse to overwrite another run's checkpoint by accident; with overwrite, remove it (so that a run
+    killed before its first checkpoint leaves no mix of the old run's checkpoint and the new run's log);
+    remove the temp files of checkpoint and log writes that a killed run left behind. Called with out_dir
+    locked."""
     if fresh_start and os.path.exists(ckpt_path) and not overwrite:
         raise UserError(f"{ckpt_path} exists: continue it with --init_from=resume, or start over with "
                         f"--overwrite=True")
     try:
-        os.makedirs(out_dir, exist_ok=True)
-        probe = os.path.join(out_dir, f".write_test{os.getpid()}")
-        open(probe, "w").close()
-        os.remove(probe)
-        for stale in glob.glob(f"{ckpt_path}.tmp*"):
+        if fresh_start and os.path.exists(ckpt_path):
+            os.remove(ckpt_path)
+        for stale in glob.glob(os.path.join(os.path.dirname(ckpt_path), "*.tmp[0-9]*")):
             os.remove(stale)
     except OSError as e:
-        raise UserError(f"out_dir {out_dir} is not writable: {e.strerror}") from None
+        raise UserError(f"cannot remove {e.filename}: {e.strerror}") from None

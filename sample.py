@@ -3,8 +3,10 @@ Sample text from a trained model, or show which experts the tokens of a prompt a
 
     python sample.py --out_dir=out/cpu_moe --start="ROMEO:"
     python sample.py --out_dir=out/cpu_moe --start="ROMEO: What light" --show_routing=True --layer=2
+    python sample.py --help    # every knob, its default and what it does
 """
 
+import math
 import sys
 import time
 from collections import Counter, defaultdict
@@ -12,20 +14,20 @@ from types import SimpleNamespace
 
 import torch
 
-from configurator import UserError, configure
+from configurator import UserError, configure, usage
 from model import GPT, GPTConfig
 from prepare import encoding
-from runtime import load_checkpoint, load_weights, pick_device
+from runtime import check_device, load_checkpoint, load_weights, pick_device
 
 # -----------------------------------------------------------------------------
 out_dir = "out"  # the run whose out_dir/ckpt.pt to load
 start = "\n"  # the prompt; "FILE:prompt.txt" reads it from a file
 num_samples = 3  # samples to draw
 max_new_tokens = 200  # tokens per sample
-temperature = 0.8  # < 1 sharper, > 1 more random
+temperature = 0.8  # > 0; < 1 sharper, > 1 more random
 top_k = 200  # sample among the k most likely tokens only; 0: all
 use_cache = True  # keep the keys and values of earlier positions (KV cache); False: rerun the whole context per token
-seed = 1337
+seed = 1337  # of the sampling, so that the same command draws the same text (0 to 2**63 - 1)
 device = "auto"  # "auto" (cuda, then mps, then cpu) or a torch device like "cpu", "cuda:1"
 show_routing = False  # instead of sampling, print the experts each prompt token goes to in `layer`
 layer = 0  # which MoE layer --show_routing shows
@@ -33,12 +35,34 @@ layer = 0  # which MoE layer --show_routing shows
 KEYS = [k for k, v in list(globals().items()) if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
 
 
+def check_knobs(cfg):
+    """The valid range of every knob above, checked before the checkpoint is loaded (layer: once it is)."""
+    def check(ok, message):
+        if not ok:
+            raise UserError(message)
+
+    check(cfg.out_dir != "", "out_dir must name the folder of a run")
+    check(cfg.num_samples >= 1, f"num_samples must be at least 1, got {cfg.num_samples}")
+    check(cfg.max_new_tokens >= 0, f"max_new_tokens must be >= 0, got {cfg.max_new_tokens}")
+    check(0 < cfg.temperature < math.inf, f"temperature must be a positive finite number, got {cfg.temperature}")
+    check(cfg.top_k >= 0, f"top_k must be >= 0 (0: all tokens), got {cfg.top_k}")
+    check(0 <= cfg.seed < 2**63, f"seed must be a whole number from 0 to 2**63 - 1, got {cfg.seed}")
+    check(cfg.layer >= 0, f"layer must be >= 0, got {cfg.layer}")
+    check_device(cfg.device)
+
+
 def load_model(out_dir, device):
     """(model, tokenizer) from out_dir/ckpt.pt."""
-    state = load_checkpoint(f"{out_dir}/ckpt.pt")
+    path = f"{out_dir}/ckpt.pt"
+    state = load_checkpoint(path)
     model = GPT(GPTConfig(**state["model_args"]))
-    load_weights(model, state, f"{out_dir}/ckpt.pt")
-    return model.to(device).eval(), encoding(state["tokenizer"])
+    load_weights(model, state, path)
+    try:
+        tokenizer = encoding(state["tokenizer"])
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        raise UserError(f"{path} is not a tinymoe checkpoint: its tokenizer cannot be built ({type(e).__name__}: "
+                        f"{e})") from None
+    return model.to(device).eval(), tokenizer
 
 
 def routing(model, idx, layer):
@@ -73,20 +97,35 @@ def print_routing(tokens, experts, weights, layer, n_experts):
         print(f"  e{e}: {sum(by_expert[e].values())} tokens: {common}")
 
 
+def read_prompt(start):
+    """The prompt: start itself, or with "FILE:" the UTF-8 text of that file."""
+    if not start.startswith("FILE:"):
+        return start
+    try:
+        return open(start[5:], encoding="utf-8").read()
+    except OSError as e:
+        raise UserError(f"cannot read the prompt file {start[5:]}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"the prompt file {start[5:]} is not UTF-8 text (bad byte at offset {e.start})") from None
+
+
 def main(argv):
+    if "-h" in argv or "--help" in argv:
+        print(usage(__doc__, {k: globals()[k] for k in KEYS}, [__file__]))
+        return
     try:
         cfg = SimpleNamespace(**configure(argv, {k: globals()[k] for k in KEYS}))
+        check_knobs(cfg)
+        prompt = read_prompt(cfg.start)
         device = pick_device(cfg.device)
         model, tokenizer = load_model(cfg.out_dir, device)
-        prompt = cfg.start
-        if prompt.startswith("FILE:"):
-            try:
-                prompt = open(prompt[5:], encoding="utf-8").read()
-            except OSError as e:
-                raise UserError(f"cannot read the prompt file {prompt[5:]}: {e.strerror}") from None
-        ids = tokenizer.encode(prompt, allowed_special="all")[-model.config.block_size:]
+        ids = tokenizer.encode(prompt, allowed_special="all")
         if not ids:
             raise UserError("the prompt is empty")
+        if len(ids) > model.config.block_size:  # the model sees block_size tokens at most
+            print(f"note: the prompt has {len(ids)} tokens, more than block_size {model.config.block_size}: "
+                  f"its first {len(ids) - model.config.block_size} tokens were cropped", file=sys.stderr)
+            ids = ids[-model.config.block_size:]
         idx = torch.tensor([ids], device=device)
         if cfg.show_routing:
             experts, weights = routing(model, idx, cfg.layer)
@@ -102,6 +141,9 @@ def main(argv):
         print(f"{tokens_per_s:.1f} tokens/s on {device}, {'with' if cfg.use_cache else 'without'} the KV cache")
     except UserError as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

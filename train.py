@@ -6,14 +6,18 @@ Train a dense or Mixture-of-Experts GPT on a dataset made by prepare.py.
     python train.py config/moe_e4k2.py --dry_run=True       # just the parameter table
     python train.py config/cpu_moe.py                       # a few minutes on a laptop CPU
     python train.py config/moe_e4k2.py --init_from=resume   # continue from out_dir/ckpt.pt
-    torchrun --standalone --nproc_per_node=4 train.py config/moe_e4k2.py
+    torchrun --standalone --nproc_per_node=2 train.py config/moe_e4k2.py  # 2 processes (GPUs, or CPU with gloo)
+    python train.py --help                                  # every knob, its default and what it does
 
 Every knob below (and every GPTConfig field in model.py) can be set by a config file or --key=value.
+Relative paths (config files, out_dir, data_root) are taken from the current directory.
 """
 
 import json
 import math
 import os
+import re
+import shlex
 import sys
 import time
 from contextlib import nullcontext
@@ -22,24 +26,27 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
-from configurator import UserError, configure
+from configurator import UserError, overrides, usage
 from model import GPT, GPTConfig, count_params, flops_per_token, match_dense, model_fields
-from prepare import load_spec
+from prepare import CORPORA, PLAIN_NAME, encoding, load_spec
 from report import flops_text, param_table
 from runtime import (
     StopFlag,
     append_log,
+    check_device,
     check_out_dir,
     code_version,
     compile_model,
     device_name,
+    duration,
     end_processes,
+    finite_state,
     keep_freed_memory,
     load_checkpoint,
     load_weights,
+    out_dir_lock,
     peak_flops,
     print0,
     setup_system,
@@ -47,15 +54,17 @@ from runtime import (
     use_compile,
     wrap_ddp,
     write_checkpoint,
+    write_log,
 )
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+GPT2_VOCAB = 50257  # tokens of GPT-2's tokenizer, prepare.py's default
 
 # -----------------------------------------------------------------------------
 # config: defaults, overridden by config files and --key=value (see configurator.py)
 # I/O
 out_dir = "out"  # checkpoint (ckpt.pt) and metrics (metrics.jsonl) go here
-data_root = os.path.join(ROOT, "data")  # where prepare.py writes dataset folders
+data_root = "data"  # where prepare.py writes dataset folders
 dataset = "tinystories"  # data_root/<dataset>/{train.bin, val.bin, meta.json}
 init_from = "scratch"  # "scratch" or "resume" (from out_dir/ckpt.pt)
 overwrite = False  # let a fresh run replace the checkpoint of an earlier run in out_dir
@@ -66,28 +75,24 @@ dry_run = False  # print the parameter table and exit
 match = "none"  # "active" or "total": train the dense model matched to the configured MoE
 # data
 batch_size = 32  # sequences per micro-step, per process
-gradient_accumulation_steps = 1  # micro-steps per optimizer step, over all processes together
+gradient_accumulation_steps = 1  # micro-steps per optimizer step, over all processes (rounded up to a multiple)
 # AdamW and schedule: linear warmup, then cosine decay to min_lr
-learning_rate = 1e-3
+learning_rate = 1e-3  # peak learning rate, reached after warmup_iters
 max_iters = 5000  # optimizer steps
 weight_decay = 0.1  # on matrices only
-beta1 = 0.9
-beta2 = 0.95
+beta1 = 0.9  # AdamW's first-moment decay
+beta2 = 0.95  # AdamW's second-moment decay
 grad_clip = 1.0  # clip the global gradient norm to this; 0: no clipping
-warmup_iters = 100
-lr_decay_iters = 0  # iterations of cosine decay; 0: max_iters
-min_lr = 1e-4
+warmup_iters = 100  # >= max_iters is allowed, with a warning: the run ends before the full learning rate
+lr_decay_iters = 0  # iterations of cosine decay; 0: max_iters; beyond max_iters: a warning, the run ends mid-decay
+min_lr = 1e-4  # the learning rate at the end of the decay
 max_bad_steps = 5  # stop after this many steps in a row with a non-finite loss or gradient
 # system
 device = "auto"  # "auto" (cuda, then mps, then cpu) or a torch device like "cpu", "cuda:1"
-dtype = "auto"  # "auto" (bfloat16 autocast where CUDA supports it, else float32), "float32", "bfloat16"
+dtype = "auto"  # "auto" (bfloat16 autocast on GPUs with native bf16, else float32), "float32", "bfloat16"
 compile = "auto"  # torch.compile the model: "auto" (on for CUDA), "true" or "false"
-seed = 1337  # model init and data order
+seed = 1337  # model init and data order, from 0 to 2**63 - 1 (torch takes 64 bits; each process adds its rank)
 # -----------------------------------------------------------------------------
-TRAIN_KEYS = [k for k, v in list(globals().items()) if not k.startswith("_") and k.islower()
-              and isinstance(v, (int, float, bool, str))]
-
-
 TRAIN_KEYS = [k for k, v in list(globals().items()) if not k.startswith("_") and k.islower()
               and isinstance(v, (int, float, bool, str))]
 
@@ -95,6 +100,72 @@ TRAIN_KEYS = [k for k, v in list(globals().items()) if not k.startswith("_") and
 def defaults():
     """All config keys with their defaults: the model's (GPTConfig fields) and train.py's own."""
     return {**{f.name: f.default for f in fields(GPTConfig)}, **{k: globals()[k] for k in TRAIN_KEYS}}
+
+
+def check_knobs(cfg):
+    """The valid range of every knob above, checked before anything is read or written (the model's knobs:
+    GPTConfig.validate, when the model is built from them)."""
+    def check(ok, message):
+        if not ok:
+            raise UserError(message)
+
+    for name in ("out_dir", "data_root"):
+        check(getattr(cfg, name) != "", f"{name} must name a folder")
+    check(re.fullmatch(PLAIN_NAME, cfg.dataset),
+          f"dataset must be the plain name of a folder in data_root (as prepare.py's --name), got {cfg.dataset!r}")
+    check_choice(cfg, "init_from", ("scratch", "resume"))
+    check_choice(cfg, "match", ("none", "active", "total"))
+    check(cfg.dtype in ("auto", "float32", "bfloat16"), f"dtype must be 'auto', 'float32' or 'bfloat16', got "
+                                                        f"{cfg.dtype!r}")
+    check(cfg.compile.lower() in ("auto", "true", "false"), f"compile must be 'auto', 'true' or 'false', got "
+                                                            f"{cfg.compile!r}")
+    for name in ("batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters", "log_interval",
+                 "max_bad_steps"):
+        check(getattr(cfg, name) >= 1, f"{name} must be at least 1, got {getattr(cfg, name)}")
+    for name in ("max_iters", "warmup_iters", "lr_decay_iters"):
+        check(getattr(cfg, name) >= 0, f"{name} must be >= 0, got {getattr(cfg, name)}")
+    for name in ("learning_rate", "min_lr", "weight_decay", "grad_clip"):
+        check(0 <= getattr(cfg, name) < math.inf, f"{name} must be a finite number >= 0, got {getattr(cfg, name)}")
+    check(cfg.min_lr <= cfg.learning_rate, f"min_lr ({cfg.min_lr}) must not exceed learning_rate ({cfg.learning_rate})")
+    for name in ("beta1", "beta2"):
+        check(0 <= getattr(cfg, name) < 1, f"{name} must be in [0, 1), got {getattr(cfg, name)}")
+    check(cfg.lr_decay_iters == 0 or cfg.lr_decay_iters >= cfg.warmup_iters,
+          f"lr_decay_iters ({cfg.lr_decay_iters}) must be 0 (decay until max_iters) or at least warmup_iters "
+          f"({cfg.warmup_iters})")
+    check(0 <= cfg.seed < 2**63, f"seed must be a whole number from 0 to 2**63 - 1, got {cfg.seed}")
+    check_device(cfg.device)
+    if cfg.warmup_iters >= cfg.max_iters > 0:
+        print0(f"warning: warmup_iters ({cfg.warmup_iters}) >= max_iters ({cfg.max_iters}): the learning rate never "
+               f"reaches learning_rate")
+    if cfg.lr_decay_iters > cfg.max_iters:
+        print0(f"warning: lr_decay_iters ({cfg.lr_decay_iters}) > max_iters ({cfg.max_iters}): the run ends before "
+               f"the learning rate has decayed to min_lr")
+
+
+def check_choice(cfg, name, allowed):
+    if getattr(cfg, name) not in allowed:
+        raise UserError(f"{name} must be one of {', '.join(allowed)}; got {getattr(cfg, name)!r}")
+
+
+# what a resumed run takes from its checkpoint and may not change: the model and its matching, the data order,
+# and the optimizer settings its state was made with. Every other knob may change on resume.
+RUN_KEYS = (*model_fields(), "match", "seed", "weight_decay", "beta1", "beta2")
+
+
+def resume_config(cfg, state, given, path):
+    """Continue the checkpointed run: cfg takes its RUN_KEYS from the checkpoint (vocab_size as trained).
+    given: the keys the user set by config files or --key=value (None: all); one of them that differs from
+    the checkpoint is refused, as is vocab_size unless 0 (take the dataset's)."""
+    run = {**state["config"], "vocab_size": state["model_args"]["vocab_size"]}
+    changed = [k for k in RUN_KEYS if k in run and (given is None or k in given) and getattr(cfg, k) != run[k]
+               and not (k == "vocab_size" and cfg.vocab_size == 0)]
+    if changed:
+        raise UserError(f"{path} was trained with {', '.join(f'{k}={run[k]!r}' for k in changed)}, not "
+                        f"{', '.join(f'{k}={getattr(cfg, k)!r}' for k in changed)}: a resumed run keeps its model, "
+                        f"match, seed and optimizer settings (leave them out, or start a new run in another out_dir)")
+    for k in RUN_KEYS:
+        if k in run:
+            setattr(cfg, k, run[k])
 
 
 @dataclass
@@ -112,15 +183,27 @@ class Progress:
 
 
 def resolve_models(cfg, data_dir, state):
-    """(configured, trained, match): the configured GPTConfig, the one to train and the match knob; on
-    resume, the checkpointed run's, whatever the config says now. vocab_size 0 takes the dataset's."""
-    if state is not None:
-        configured, _ = model_configs(SimpleNamespace(**state["config"]))
-        return configured, GPTConfig(**state["model_args"]), state["config"]["match"]
-    if cfg.vocab_size == 0:
-        cfg.vocab_size = load_meta(data_dir, cfg.dataset)["vocab_size"]
+    """(configured, trained, match, vocab_source): the configured GPTConfig, the one to train, the match knob
+    and where vocab_size came from; on resume, the checkpointed run's (resume_config has put its keys in cfg)."""
+    if state is not None:  # cfg holds the run's model keys (resume_config)
+        configured, _ = model_configs(cfg)
+        return configured, GPTConfig(**state["model_args"]), cfg.match, "the resumed run's"
+    cfg.vocab_size, source = model_vocab(cfg, data_dir)
     configured, trained = model_configs(cfg)
-    return configured, trained, cfg.match
+    return configured, trained, cfg.match, source
+
+
+def model_vocab(cfg, data_dir):
+    """(vocab_size, where it comes from) of a fresh run: the config's vocab_size if set, else the dataset's.
+    A dry run without the dataset counts with GPT-2's, prepare.py's default, so that the parameter table
+    needs no download."""
+    meta_path = os.path.join(data_dir, "meta.json")
+    if cfg.vocab_size:
+        return cfg.vocab_size, "set in the config or on the command line"
+    if cfg.dry_run and not os.path.exists(meta_path):
+        return GPT2_VOCAB, (f"GPT-2's tokenizer, as no dataset is at {data_dir} yet "
+                            f"(--vocab_size=N counts with another)")
+    return load_meta(data_dir, cfg.dataset)["vocab_size"], f"from {meta_path}"
 
 
 def model_configs(cfg):
@@ -154,24 +237,89 @@ def models_involved(configured, match):
 # data, schedule, evaluation
 
 
+def remake(dataset_name, meta=None):
+    """The prepare.py command that makes the dataset again (with its BPE's size, when meta tells it)."""
+    source = f"--corpus={dataset_name}" if dataset_name in CORPORA else f"--input=FILE --name={dataset_name}"
+    bpe = isinstance(meta, dict) and meta.get("tokenizer") == "bpe" and isinstance(meta.get("vocab_size"), int)
+    return f"python prepare.py {source}" + (f" --vocab_size={meta['vocab_size']}" if bpe else "")
+
+
 def load_meta(data_dir, dataset_name):
+    """The dataset's meta.json, checked: a vocabulary size, a token dtype that holds it, and a tokenizer."""
     path = os.path.join(data_dir, "meta.json")
+    if not os.path.isdir(data_dir):
+        raise UserError(f"dataset {dataset_name!r} not found at {data_dir}: make it with `{remake(dataset_name)}` "
+                        f"(`python prepare.py --help` lists the corpora)")
     if not os.path.exists(path):
-        raise UserError(f"dataset {dataset_name!r} not found at {data_dir}: run `python prepare.py` (TinyStories) "
-                        f"or `python prepare.py --input FILE.txt --name {dataset_name}` first")
-    return json.load(open(path))
+        raise UserError(f"{path} is missing: make the dataset again with `{remake(dataset_name)}`")
+    try:
+        meta = json.load(open(path))
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} cannot be read ({getattr(e, 'strerror', None) or e}): make the dataset again "
+                        f"with `{remake(dataset_name)}`") from None
+    problem = None
+    if not isinstance(meta, dict):
+        problem = "is not a JSON object"
+    elif [k for k in ("vocab_size", "dtype", "tokenizer") if k not in meta]:
+        problem = f"has no {', '.join(k for k in ('vocab_size', 'dtype', 'tokenizer') if k not in meta)}"
+    elif type(meta["vocab_size"]) is not int or meta["vocab_size"] <= 0:
+        problem = f"has vocab_size {meta['vocab_size']!r}, not a positive whole number"
+    elif meta["dtype"] not in ("uint16", "uint32"):
+        problem = f"has dtype {meta['dtype']!r}, not uint16 or uint32"
+    elif meta["vocab_size"] > np.iinfo(meta["dtype"]).max + 1:
+        problem = f"has dtype {meta['dtype']}, too narrow for vocab_size {meta['vocab_size']}"
+    elif meta["tokenizer"] not in ("gpt2", "bpe") or meta["tokenizer"] == "bpe" and "tokenizer_file" not in meta:
+        problem = f"names no tokenizer prepare.py makes (tokenizer {meta['tokenizer']!r})"
+    if problem:
+        raise UserError(f"{path} {problem}: make the dataset again with `{remake(dataset_name, meta)}`")
+    return meta
 
 
-def load_split(data_dir, split, meta, block_size):
-    data = np.memmap(os.path.join(data_dir, f"{split}.bin"), dtype=meta["dtype"], mode="r")
+def check_tokenizer(data_dir, dataset_name, meta, state):
+    """The dataset's tokenizer description (prepare.load_spec), checked to build a tokenizer of meta's
+    vocab_size, and on resume to be the one the checkpoint was trained with."""
+    path = os.path.join(data_dir, meta.get("tokenizer_file", "meta.json"))
+    try:
+        spec = load_spec(data_dir)
+        n_vocab = encoding(spec).n_vocab if spec["type"] == "bpe" else meta["vocab_size"]  # GPT-2's: tiktoken's
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+        raise UserError(f"{path} does not describe a tokenizer ({type(e).__name__}: {e}): make the dataset again "
+                        f"with `{remake(dataset_name, meta)}`") from None
+    if n_vocab != meta["vocab_size"]:
+        raise UserError(f"{path} makes a tokenizer of {n_vocab} tokens, meta.json says vocab_size "
+                        f"{meta['vocab_size']}: make the dataset again with `{remake(dataset_name, meta)}`")
+    if state is not None and spec != state["tokenizer"]:
+        raise UserError(f"dataset {dataset_name!r} has another tokenizer than the one the resumed run was trained "
+                        f"with: resume on the dataset it was trained on, or start a new run in another out_dir")
+
+
+def load_split(data_dir, split, meta, block_size, dataset_name):
+    """The tokens of train.bin or val.bin, checked: a whole number of tokens, as many as meta.json says, each
+    below vocab_size (one pass over the file, a small cost next to training), more than one block."""
+    path = os.path.join(data_dir, f"{split}.bin")
+    size = os.path.getsize(path) if os.path.isfile(path) else None
+    itemsize = np.dtype(meta["dtype"]).itemsize
+    problem = ("is missing" if size is None else "is empty" if size == 0 else
+               f"has {size:,} bytes, not a whole number of {meta['dtype']} tokens" if size % itemsize else None)
+    if problem is None:
+        data = np.memmap(path, dtype=meta["dtype"], mode="r")
+        expected = meta.get(f"{split}_tokens", len(data))
+        top = int(data.max())
+        if len(data) != expected:
+            problem = f"holds {len(data):,} tokens, meta.json says {expected:,}"
+        elif top >= meta["vocab_size"]:
+            problem = f"holds token id {top}, beyond the vocabulary of {meta['vocab_size']} in meta.json"
+    if problem:
+        raise UserError(f"{path} {problem}: make the dataset again with `{remake(dataset_name, meta)}`")
     if len(data) <= block_size:
-        raise UserError(f"{split}.bin of {data_dir} has {len(data)} tokens, fewer than block_size + 1 = "
-                        f"{block_size + 1}: lower block_size or prepare more text")
+        raise UserError(f"{path} has {len(data)} tokens, fewer than block_size + 1 = {block_size + 1}: lower "
+                        f"block_size or prepare more text")
     return data
 
 
 def load_data(dataset, data_dir, model_config, state):
-    """(meta, train tokens, val tokens) of the dataset, checked against the model and a resumed run."""
+    """(meta, train tokens, val tokens) of the dataset, its files checked, and checked against the model and a
+    resumed run."""
     meta = load_meta(data_dir, dataset)
     if meta["vocab_size"] > model_config.vocab_size:
         raise UserError(f"dataset {dataset!r} has a vocabulary of {meta['vocab_size']}, larger than the "
@@ -179,8 +327,9 @@ def load_data(dataset, data_dir, model_config, state):
     if state is not None and meta["vocab_size"] != state["dataset_vocab_size"]:
         raise UserError(f"dataset {dataset!r} has a vocabulary of {meta['vocab_size']}, the resumed run "
                         f"was trained on one of {state['dataset_vocab_size']}")
-    return (meta, load_split(data_dir, "train", meta, model_config.block_size),
-            load_split(data_dir, "val", meta, model_config.block_size))
+    check_tokenizer(data_dir, dataset, meta, state)
+    return (meta, load_split(data_dir, "train", meta, model_config.block_size, dataset),
+            load_split(data_dir, "val", meta, model_config.block_size, dataset))
 
 
 def get_batch(data, batch_size, block_size, generator, device):
@@ -250,30 +399,62 @@ def resume_from(state, path, model, optimizer, data_rng, system):
     return Progress(**{f.name: state[f.name] for f in fields(Progress)})
 
 
-def check_choice(cfg, name, allowed):
-    if getattr(cfg, name) not in allowed:
-        raise UserError(f"{name} must be one of {', '.join(allowed)}; got {getattr(cfg, name)!r}")
+def micro_steps(gradient_accumulation_steps, world):
+    """Micro-steps each of `world` processes runs per optimizer step. gradient_accumulation_steps counts them
+    over all processes together (as nanoGPT, which divides it by the number of processes); one that the
+    processes cannot share evenly is rounded up, so a step takes the tokens asked for or the fewest more."""
+    return math.ceil(gradient_accumulation_steps / world)
+
+
+def summary_line(progress, max_iters, seconds, out_dir, launcher, argv):
+    """The line that ends a run: how far it got in what wall time, its best validation loss, its checkpoint,
+    and the commands to sample from it and to continue it. launcher + argv: the command that started the run
+    (launcher ends with the path of train.py)."""
+    finished = progress.iter_num >= max_iters
+    replaced = ("--init_from=", "--overwrite=") + (("--max_iters=",) if finished else ())
+    resume = [*launcher, *(a for a in argv if not a.startswith(replaced)), "--init_from=resume"]
+    if finished:  # resuming it as it is would do nothing: suggest twice as many iterations
+        resume.append(f"--max_iters={2 * max_iters}")
+    sample = ["python", os.path.join(os.path.dirname(launcher[-1]), "sample.py"), f"--out_dir={out_dir}"]
+    state = f"finished {max_iters} iterations" if finished else \
+        f"stopped at iteration {progress.iter_num} of {max_iters}"
+    return (f"{state} in {duration(seconds)}, best val loss {progress.best_val_loss:.4f}, checkpoint "
+            f"{os.path.join(out_dir, 'ckpt.pt')}; sample: {shlex.join(sample)}; "
+            f"{'train on' if finished else 'continue'}: {shlex.join(resume)}")
 
 
 # -----------------------------------------------------------------------------
 # training
 
 
-def train(cfg):
-    """Train as cfg (a namespace of every config key) says; return the best validation loss."""
+def train(cfg, given=None):
+    """Train as cfg (a namespace of every config key) says; return its Progress (None for a dry run). given: the keys the user set (see resume_config). Every knob is checked first; then, but for a dry
+    run, the first process holds out_dir for the whole run (one run per out_dir). A SIGINT or SIGTERM stops
+    the run with KeyboardInterrupt (see StopFlag), saying what it leaves."""
+    check_knobs(cfg)
+    hold = not cfg.dry_run and int(os.environ.get("RANK", 0)) == 0
+    with out_dir_lock(cfg.out_dir) if hold else nullcontext(), StopFlag() as stop:
+        return run_training(cfg, given, stop)
+
+
+def run_training(cfg, given, stop):
+    """train(), out_dir held and signals caught."""
     # --- setup: the model to train, data, processes, state ---
-    check_choice(cfg, "init_from", ("scratch", "resume"))
-    check_choice(cfg, "match", ("none", "active", "total"))
     data_dir = os.path.join(cfg.data_root, cfg.dataset)
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     log_path = os.path.join(cfg.out_dir, "metrics.jsonl")
     state = load_checkpoint(ckpt_path) if cfg.init_from == "resume" else None
-    configured, model_config, match = resolve_models(cfg, data_dir, state)
+    # the checkpoint a run that stops now can be resumed from, as error lines name it
+    last_good = stop.checkpoint = f"{ckpt_path} (iteration {state['iter_num']})" if state is not None else "none"
+    if state is not None:
+        resume_config(cfg, state, given, ckpt_path)
+    configured, model_config, match, vocab_source = resolve_models(cfg, data_dir, state)
     block_size = model_config.block_size  # T, the context length
     print0(param_table(models_involved(configured, match)))
     if configured.n_experts > 0:
         print0("active = what one token uses, the router and K of the E experts included; "
                "mismatch = a dense total against the MoE's count")
+    print0(f"vocab_size {model_config.vocab_size:,}: {vocab_source}")
     if cfg.dry_run:
         return None
 
@@ -286,12 +467,13 @@ def train(cfg):
     device, autocast, world = system.device, system.autocast, system.world
     if device.type == "cpu":
         keep_freed_memory()  # glibc: reuse freed heap blocks rather than page-fault every step's temporaries in
-    if cfg.gradient_accumulation_steps % world:
-        raise UserError(f"gradient_accumulation_steps ({cfg.gradient_accumulation_steps}) must be a multiple "
-                        f"of the number of processes ({world})")
-    accum = cfg.gradient_accumulation_steps // world  # micro-steps of this process
+    accum = micro_steps(cfg.gradient_accumulation_steps, world)  # micro-steps of this process
+    if accum * world != cfg.gradient_accumulation_steps:
+        print0(f"gradient_accumulation_steps {cfg.gradient_accumulation_steps} rounded up to {accum * world}, "
+               f"{accum} micro-step(s) on each of the {world} processes")
+        cfg.gradient_accumulation_steps = accum * world  # what the checkpoint and the log record
     if system.master:
-        check_out_dir(cfg.out_dir, ckpt_path, state is None, cfg.overwrite)
+        check_out_dir(ckpt_path, state is None, cfg.overwrite)
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every process
     raw_model = GPT(model_config).to(device)
@@ -301,29 +483,29 @@ def train(cfg):
     progress = Progress()
     if state is not None:
         progress = resume_from(state, ckpt_path, raw_model, optimizer, data_rng, system)
+        print0(f"resumed from iteration {progress.iter_num} of {ckpt_path} (best val loss "
+               f"{progress.best_val_loss:.4f})")
         if system.master:  # drop what a crashed run logged after its checkpoint
             truncate_log(log_path, progress.iter_num, progress.evaluated_iter == progress.iter_num)
     elif system.master:
-        open(log_path, "w").close()
-        append_log(log_path, {"event": "start", "time": time.time(), "code": code_version(), "config": vars(cfg),
+        write_log(log_path, [{"event": "start", "time": time.time(), "code": code_version(), "config": vars(cfg),
                               "model_args": asdict(model_config), "params": count_params(model_config),
-                              "flops_per_token": flops_per_token(model_config)})
+                              "flops_per_token": flops_per_token(model_config)}])
     model = compile_model(raw_model) if use_compile(cfg.compile, device) else raw_model
     eval_model = model  # evaluation needs no gradient synchronisation
     if world > 1:
         model = wrap_ddp(model, device)
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * block_size
     precision = "bfloat16 autocast" if system.dtype == torch.bfloat16 else "float32"
-    print0(f"tokens per iteration: {tokens_per_iter:,} = {cfg.gradient_accumulation_steps} x {cfg.batch_size} x "
-           f"{block_size}; device {device}, {precision}, {world} process(es)")
+    print0(f"tokens per iteration: {tokens_per_iter:,} = {cfg.gradient_accumulation_steps} micro-step(s) x "
+           f"{cfg.batch_size} sequences x {block_size} tokens; device {device}, {precision}, {world} process(es)")
     flops_per_iter = flops_per_token(model_config) * tokens_per_iter  # over all processes
     peak, peak_note = peak_flops(device_name(device), system.dtype)
     print0(f"training FLOPs per token: {flops_per_token(model_config):,.0f} (6 x the active parameters in matmuls, "
            f"output layer included, + attention over the full T x T; model.flops_per_token); {peak_note}")
 
-    saved_iter = progress.iter_num if state is not None else None  # of the last checkpoint written
     bad_steps = 0  # in a row
-    stop = StopFlag()
+    stop.graceful = True  # from here a first signal lets the step finish and writes a checkpoint
     bar = tqdm(total=cfg.max_iters, initial=progress.iter_num, disable=not (system.master and sys.stderr.isatty()),
                dynamic_ncols=True)
     t_last, it_last = time.time(), progress.iter_num
@@ -334,6 +516,12 @@ def train(cfg):
             if (it % cfg.eval_interval == 0 or it == cfg.max_iters) and progress.evaluated_iter != it:
                 val_loss, routing = evaluate(eval_model, val_data, cfg.batch_size, block_size, cfg.eval_iters, device,
                                              autocast)
+                if not math.isfinite(val_loss):  # not a new best, and no reason to checkpoint
+                    raise UserError(diverged(f"iteration {it}: validation loss is non-finite ({val_loss}), not "
+                                             f"checkpointed", last_good))
+                if not finite_state(raw_model, optimizer):
+                    raise UserError(diverged(f"iteration {it}: non-finite weights or optimizer state, not "
+                                             f"checkpointed", last_good))
                 routing = raw_model.routing_summary(routing)
                 progress.best_val_loss, progress.evaluated_iter = min(progress.best_val_loss, val_loss), it
                 print0(f"iter {it}: val loss {val_loss:.4f}, best {progress.best_val_loss:.4f}")
@@ -344,7 +532,7 @@ def train(cfg):
                                           "best_val_loss": progress.best_val_loss, "routing": routing,
                                           "time": time.time()})
                 write_checkpoint(ckpt_path, about, raw_model, optimizer, progress, data_rng, system)
-                saved_iter = it
+                last_good = stop.checkpoint = f"{ckpt_path} (iteration {it})"
                 t_last, it_last = time.time(), it
             if it >= cfg.max_iters:
                 break
@@ -375,9 +563,8 @@ def train(cfg):
                 progress.skipped_steps += 1
                 print0(f"iter {it}: non-finite loss or gradient, step skipped ({bad_steps} in a row)")
                 if bad_steps >= cfg.max_bad_steps:
-                    last_good = f"{ckpt_path} (iteration {saved_iter})" if saved_iter is not None else "none"
-                    raise UserError(f"{bad_steps} steps in a row had a non-finite loss or gradient, stopping. "
-                                    f"Last good checkpoint: {last_good}. Try a lower learning_rate")
+                    raise UserError(diverged(f"{bad_steps} steps in a row had a non-finite loss or gradient, "
+                                             f"stopping", last_good))
             optimizer.zero_grad(set_to_none=True)
             progress.iter_num = it = it + 1
             bar.update(1)
@@ -399,30 +586,51 @@ def train(cfg):
                                           "skipped_steps": progress.skipped_steps})
 
             # --- stop cleanly on SIGINT / SIGTERM ---
-            stop_now = torch.tensor(float(stop.set))
-            if world > 1:
-                dist.all_reduce(stop_now)  # every process stops after the same step
-            if stop_now.item():
+            if stop.anywhere(system):  # every process stops after the same step
+                if not finite_state(raw_model, optimizer):
+                    raise UserError(diverged(f"iteration {it}: non-finite weights or optimizer state, not "
+                                             f"checkpointed", last_good))
                 write_checkpoint(ckpt_path, about, raw_model, optimizer, progress, data_rng, system)
-                print0(f"stopped at iteration {it}, checkpoint written: continue with the same command "
-                       f"and --init_from=resume")
-                break
+                raise KeyboardInterrupt(f"stopped at iteration {it}, checkpoint written: continue with the same "
+                                        f"command and --init_from=resume")
     finally:
         # --- finish ---
-        stop.restore()
         bar.close()
         if world > 1:
             del model  # DDP's reducer holds the process group
             end_processes()
-    print0(f"best val loss {progress.best_val_loss:.4f}")
-    return progress.best_val_loss
+    return progress
+
+
+def launcher():
+    """How this process was started, up to the path of train.py: python, or torchrun for several processes."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    return ["python", sys.argv[0]] if world == 1 else \
+        ["torchrun", "--standalone", f"--nproc_per_node={world}", sys.argv[0]]
+
+
+def diverged(what, last_good):
+    """The line a diverging run stops with: what went wrong and the checkpoint to resume from."""
+    return f"{what}. Last good checkpoint: {last_good}. Try a lower learning_rate"
 
 
 def main(argv):
+    if "-h" in argv or "--help" in argv:
+        print(usage(__doc__, defaults(), [__file__, os.path.join(ROOT, "model.py")]))
+        return
+    sys.stdout.reconfigure(line_buffering=True)  # each line as it is printed, into a file or pipe too
     try:
-        train(SimpleNamespace(**configure(argv, defaults())))
+        given = overrides(argv, defaults())
+        cfg = SimpleNamespace(**{**defaults(), **given})
+        start = time.time()
+        progress = train(cfg, set(given))
     except UserError as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt as e:
+        print0(f"interrupted: {e}" if str(e) else "interrupted", file=sys.stderr)
+        sys.exit(130)
+    if progress is not None:  # None: a dry run
+        print0(summary_line(progress, cfg.max_iters, time.time() - start, cfg.out_dir, launcher(), argv))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
-# The MoE recipe of the tiny-scale dense-vs-sparse study: 4 experts, top-2, Switch load balancing
-# (0.01) plus router z-loss (0.001), on TinyStories with GPT-2's tokenizer, under 25M total
-# parameters (see the table `--dry_run=True` prints). One GPU; ~1.6B tokens... see README.
+# The MoE recipe of the tiny-scale dense-vs-sparse study (Wael 2026, arXiv:2605.13769; see README):
+# 4 experts, top-2, Switch load balancing (0.01) plus router z-loss (0.001), on TinyStories with
+# GPT-2's tokenizer, under 25M total parameters (see the table `--dry_run=True` prints). One GPU;
+# 20,000 steps of 16,384 tokens = 328M training tokens.
 # Dense baselines: add --match=active or --match=total.
 dataset = "tinystories"
 out_dir = "out/moe_e4k2"

@@ -2,7 +2,7 @@
 
 import pytest
 
-from configurator import UserError, configure
+from configurator import UserError, configure, knob_comments
 
 DEFAULTS = {"learning_rate": 1e-3, "max_iters": 100, "compile": "auto", "dataset": "tinystories",
             "tie_embeddings": True, "expert_groups": (), "n_experts": 0}
@@ -31,8 +31,9 @@ def test_string_knob_takes_the_text():
 
 @pytest.mark.parametrize("arg, message", [
     ("--learning_rat=1", "unknown config key 'learning_rat'; did you mean learning_rate?"),
-    ("--max_iters=1.5", "max_iters expects a int (like 100), got 1.5"),
-    ("--max_iters=lots", "max_iters: cannot parse 'lots' as a int"),
+    ("--max_iters=1.5", "max_iters expects an int (like 100), got 1.5"),
+    ("--max_iters=lots", "max_iters: cannot parse 'lots' as an int"),
+    ("--learning_rate=fast", "learning_rate: cannot parse 'fast' as a float"),
     ("--tie_embeddings=1", "tie_embeddings expects a bool"),
     ("--max_iters", "expected --max_iters=value"),
     ("missing/config.py", "config file not found: missing/config.py"),
@@ -57,3 +58,11 @@ def test_config_file_errors(tmp_path):
     (tmp_path / "broken.py").write_text("n_experts = (\n")
     with pytest.raises(UserError, match="error in config file"):
         configure([str(tmp_path / "broken.py")], DEFAULTS)
+
+
+def test_knob_comments_are_those_of_module_and_class_level_names(tmp_path):
+    (tmp_path / "script.py").write_text(
+        "def f():\n    steps = 3  # a local variable, not a knob\n\n"
+        "steps = 1  # optimizer steps\nrate = 0.1\n\n"
+        "class Config:\n    width: int = 8  # model width\n")
+    assert knob_comments(str(tmp_path / "script.py")) == {"steps": "optimizer steps", "width": "model width"}

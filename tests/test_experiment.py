@@ -150,7 +150,7 @@ def test_report_without_matplotlib(data_root, in_tmp, monkeypatch):
     (["--seeds=0"], "seeds and jobs must be at least 1"),
     (["--sweep=top_k=9"], "top_k (9) must be between 1 and n_experts (4)"),
     (["--sweep=n_expert=4,8"], "unknown config key 'n_expert'; did you mean n_experts?"),
-    (["--sweep=top_k=1.5"], "top_k expects a int"),
+    (["--sweep=top_k=1.5"], "top_k expects an int"),
 ])
 def test_experiment_errors(data_root, args, message):
     r = run_script("experiment.py", *TINY, f"--data_root={data_root}", *args)

@@ -95,8 +95,8 @@ def test_signal_stops_cleanly_and_resumes_exactly(data_root, tmp_path, straight,
     proc = start_and_wait(cmd, out, until_iter=15)
     proc.send_signal(sig)
     stdout, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 0, stderr
-    assert "--init_from=resume" in stdout and "Traceback" not in stderr
+    assert proc.returncode == 130, stderr  # interrupted: not a finished run, for the shell or experiment.py
+    assert "checkpoint written" in stderr and "--init_from=resume" in stderr and "Traceback" not in stderr
     stopped_at = torch.load(out / "ckpt.pt", weights_only=True)["iter_num"]
     assert 15 <= stopped_at < 60 and logged_iters(out) == stopped_at  # a checkpoint of the step it stopped at
     run_until_done(cmd + ["--init_from=resume"])
@@ -126,7 +126,7 @@ def test_non_finite_steps_are_skipped(data_root, tmp_path, monkeypatch):
     poison = {3, 4}  # one training forward a step (no gradient accumulation): steps 3 and 4 go bad
     PoisonedGPT.poison, PoisonedGPT.calls = poison, 0
     cfg = in_process_cfg(data_root, tmp_path, "--max_iters=8", "--eval_interval=4")
-    assert train.train(cfg) < float("inf")
+    assert train.train(cfg).best_val_loss < float("inf")
     records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     steps = [r for r in records if "loss" in r]
     assert [r["skipped_steps"] for r in steps] == [sum(p <= r["iter"] for p in poison) for r in steps]

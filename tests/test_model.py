@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from torch.utils.flop_counter import FlopCounterMode
 
+import model
 from model import (
     GPT,
     MAX_FFN_RATIO,
@@ -19,6 +20,7 @@ from model import (
     flops_per_token,
     match_dense,
     model_fields,
+    slots_per_expert,
 )
 
 TOY = dict(vocab_size=97, block_size=16, n_layer=2, n_head=2, n_embd=32)
@@ -259,6 +261,58 @@ def test_grouped_dispatch_equals_per_token_reference():
         g = top.values / top.values.sum()
         out = sum(g[i] * (F.silu(x[0, t] @ w1[e]) * (x[0, t] @ w3[e])) @ w2[e] for i, e in enumerate(top.indices))
         torch.testing.assert_close(y[0, t], out, rtol=1e-5, atol=1e-6)
+
+
+def test_slots_per_expert_counts_like_bincount():
+    experts = torch.tensor([[0, 3], [3, 1], [0, 3], [1, 0]])  # (N, K), expert 2 chosen by no token
+    assert slots_per_expert(experts, 5).tolist() == [3, 2, 0, 3, 0]
+    experts = torch.randint(0, 16, (300, 4))
+    assert torch.equal(slots_per_expert(experts, 16), torch.bincount(experts.flatten(), minlength=16))
+
+
+class EmptyGroupGarbage(torch.autograd.Function):
+    """grouped_mm as on SM100 GPUs (pytorch/pytorch#172439): exact forward and input gradient, but the
+    weight gradient of every empty group filled with garbage (NaN here, the worst case)."""
+
+    @staticmethod
+    def forward(ctx, x, w, offs):
+        ctx.save_for_backward(x, w, offs)
+        return torch._grouped_mm(x, w, offs=offs)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w, offs = ctx.saved_tensors
+        with torch.enable_grad():
+            x_, w_ = x.detach().requires_grad_(), w.detach().requires_grad_()
+            gx, gw = torch.autograd.grad(torch._grouped_mm(x_, w_, offs=offs), (x_, w_), grad)
+        sizes = torch.diff(offs, prepend=offs.new_zeros(1))
+        gw[sizes == 0] = float("nan")
+        return gx, gw, None
+
+
+@pytest.mark.parametrize("guard", [True, False])
+def test_empty_group_guard_zeroes_the_gradient_of_unused_experts(monkeypatch, guard):
+    """With a grouped GEMM that writes garbage into empty groups' weight gradients, the guard leaves
+    exact zeros for the experts no token chose and the loop's gradients for the others; without it the
+    garbage reaches the parameters (so this test can tell the two apart)."""
+    cfg = toy(n_experts=4, top_k=1, expert_hidden=16, balance="aux_free")
+    x = torch.randn(2, 8, cfg.n_embd)
+    grads = {}
+    for impl in ("grouped", "loop"):
+        torch.manual_seed(0)
+        moe = MoE(replace_impl(cfg, impl))
+        moe.expert_bias[2:] = -10.0  # a selection bias no score can beat: experts 2 and 3 get no tokens
+        monkeypatch.setattr(model, "empty_groups_get_gradients", lambda device: guard)
+        monkeypatch.setattr(model.F, "grouped_mm", lambda a, b, offs: EmptyGroupGarbage.apply(a, b, offs))
+        y, _, _, counts = moe(x)
+        y.sum().backward()
+        grads[impl] = moe.experts.w1[0].grad
+    assert counts["load"][2:].sum() == 0 and counts["load"][:2].min() > 0  # the setup: two empty experts
+    if guard:
+        assert torch.equal(grads["grouped"][2:], torch.zeros_like(grads["grouped"][2:]))
+        torch.testing.assert_close(grads["grouped"], grads["loop"], rtol=1e-5, atol=1e-6)
+    else:
+        assert grads["grouped"][2:].isnan().all()
 
 
 def test_grouped_bf16_close_to_fp32():

@@ -163,6 +163,7 @@ def test_help_lists_every_knob_with_default_and_doc(capsys):
         assert re.search(rf"--{key}={re.escape(str(value))} +{re.escape(comments[key])}", out), key
 
 
+@pytest.mark.slow
 def test_help_as_a_process():
     r = run_script("prepare.py", "-h")
     assert r.returncode == 0 and "--vocab_size=0" in r.stdout and not r.stderr
@@ -204,6 +205,7 @@ def test_valid_knobs_pass():
                               url="http://127.0.0.1:8000/mirror/", corpus="shakespeare"))
 
 
+@pytest.mark.slow
 def test_knob_error_as_a_process(tmp_path):
     one_line_error(run_script("prepare.py", "--val_fraction=1.5", f"--data_root={tmp_path}"), "--val_fraction")
     one_line_error(run_script("prepare.py", "--input", "a.txt"), "expected --input=value")
@@ -254,6 +256,7 @@ def test_data_root_must_be_creatable(tmp_path):
         prepare.run(knobs(input=str(text), vocab_size=300, data_root=str(tmp_path / "file" / "below")))
 
 
+@pytest.mark.slow
 def test_offline_gpt2_says_what_to_do(tmp_path):
     # no GPT-2 files in the cache and no way out (a proxy that refuses): the state of a machine without network
     env = {**os.environ, "TIKTOKEN_CACHE_DIR": str(tmp_path / "empty-cache"), "HTTPS_PROXY": "http://127.0.0.1:9",
@@ -286,6 +289,7 @@ def test_recover_finishes_or_undoes_a_swap(tmp_path):
     assert (out / "meta.json").read_text() == "old" and not old.exists()
 
 
+@pytest.mark.slow
 def test_a_second_prepare_on_the_same_name_is_refused(tmp_path):
     hold = (f"import prepare, time\nwith prepare.dataset_lock({str(tmp_path / 'ds')!r}):\n"
             f"    print('locked', flush=True)\n    time.sleep(60)")
@@ -326,6 +330,7 @@ def old_and_new(tmp_path):
             folder_bytes(tmp_path / "reference" / "ds"))
 
 
+@pytest.mark.slow
 def test_killed_at_random_moments_leaves_old_or_new(old_and_new):
     data_root, old_args, args, old, new = old_and_new
     start = time.time()
@@ -351,6 +356,7 @@ def test_killed_at_random_moments_leaves_old_or_new(old_and_new):
     print("states after the kills:", seen)
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_prepare_is_quiet(old_and_new):
     data_root, _, args, old, new = old_and_new
     rng = random.Random(1)
@@ -542,6 +548,7 @@ def test_shakespeare_download_end_to_end(tmp_path, server):
     assert json.load(open(tmp_path / "shakespeare" / "meta.json"))["source"] == [url + "input.txt"]
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_a_download_then_resume(tmp_path, server):
     url, handler = server
     text = (corpus_text(300_000) * 10).encode()  # 3 MB, sent in 64 kB pieces every 20 ms
@@ -570,6 +577,7 @@ def test_ctrl_c_during_a_download_then_resume(tmp_path, server):
 
 
 @needs_sample
+@pytest.mark.slow
 def test_laptop_config_end_to_end(tmp_path, server):
     url, handler = server
     stories = sample_stories(120)

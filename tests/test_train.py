@@ -12,7 +12,7 @@ from conftest import TINY_MOE, one_line_error, run_script, tiny_arg
 import train
 from configurator import UserError
 from model import GPTConfig, count_params, flops_per_token
-from runtime import CHECKPOINT_FORMAT, load_checkpoint, peak_flops, save_checkpoint
+from runtime import CHECKPOINT_FORMAT, CHECKPOINT_KEYS, load_checkpoint, peak_flops, save_checkpoint
 
 
 def train_args(data_root, out_dir, *extra):
@@ -150,7 +150,9 @@ def test_get_batch_is_deterministic_and_shifted():
 
 def test_checkpoint_is_atomic_and_validated(tmp_path):
     path = str(tmp_path / "ckpt.pt")
-    save_checkpoint(path, {"format": CHECKPOINT_FORMAT, "iter_num": 1})
+    state = {"format": CHECKPOINT_FORMAT, **dict.fromkeys(CHECKPOINT_KEYS), "model": {}, "iter_num": 1,
+             "model_args": {"vocab_size": 8, "n_layer": 1, "n_head": 2, "n_embd": 8}}
+    save_checkpoint(path, state)
     assert load_checkpoint(path)["iter_num"] == 1
     assert os.listdir(tmp_path) == ["ckpt.pt"]  # no temp file left behind
     data = open(path, "rb").read()
@@ -159,6 +161,10 @@ def test_checkpoint_is_atomic_and_validated(tmp_path):
         load_checkpoint(path)
     torch.save({"weights": 1}, path)
     with pytest.raises(UserError, match="not a tinymoe checkpoint"):
+        load_checkpoint(path)
+    del state["data_rng"]
+    save_checkpoint(path, state)  # the right format, a key missing: foreign
+    with pytest.raises(UserError, match="not a tinymoe checkpoint of format 1: it has no data_rng"):
         load_checkpoint(path)
 
 

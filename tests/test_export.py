@@ -1,0 +1,211 @@
+"""export.py: checkpoints become transformers models (Llama, Mixtral, GLM-4.5) that compute the same
+logits and greedy generations, with tokenizers that encode as tiktoken does; the rest is refused
+with one line."""
+
+import importlib.util
+import os
+import sys
+from dataclasses import asdict
+
+import pytest
+import torch
+from conftest import ROOT, TINY_MOE, corpus_text, needs_gpt2, one_line_error, run_script
+
+import export
+import prepare
+import runtime
+import train
+from configurator import UserError, configure
+from model import GPT, GPTConfig, model_fields
+
+needs_transformers = pytest.mark.skipif(importlib.util.find_spec("transformers") is None,
+                                        reason=f"transformers is not installed ({export.INSTALL_HINT})")
+TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=48)
+KINDS = {  # name: (GPTConfig overrides, the transformers class it must become)
+    "dense": (dict(tie_embeddings=False), "LlamaForCausalLM"),
+    "mixtral": (dict(n_experts=4, top_k=2, expert_hidden=48, aux_loss_coef=0.02), "MixtralForCausalLM"),
+    # two groups of one size are experts of one size
+    "mixtral_groups": (dict(expert_groups=((2, 40), (2, 40)), top_k=1), "MixtralForCausalLM"),
+    # 1 x 40 shared units are padded with zeros to 1 x 48 (GLM sizes them in multiples of the expert's 48)
+    "sigmoid_auxfree_shared": (dict(n_experts=4, top_k=2, expert_hidden=48, router_score="sigmoid",
+                                    balance="aux_free", n_shared_experts=1, shared_expert_hidden=40,
+                                    norm_topk_prob=False), "Glm4MoeForCausalLM"),
+    "sigmoid_renorm": (dict(n_experts=6, top_k=3, expert_hidden=32, router_score="sigmoid",
+                            tie_embeddings=False), "Glm4MoeForCausalLM"),
+}
+PROMPTS = ["ROMEO: What light", "First Citizen:\nWe are accounted poor", "the king"]
+
+
+@pytest.fixture(scope="module")
+def bpe_spec():
+    docs = prepare.documents(corpus_text(100_000))
+    return prepare.tokenizer_spec(prepare.train_bpe(prepare.count_words(docs), 400))
+
+
+def save_checkpoint(path, model, spec):
+    """A checkpoint as train.py writes it (export.py reads model_args, model and tokenizer; the rest describe
+    a run that was never trained)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save({"format": runtime.CHECKPOINT_FORMAT, "model_args": asdict(model.config), "tokenizer": spec,
+                "model": model.state_dict(), "config": {}, "dataset_vocab_size": model.config.vocab_size,
+                "optimizer": {}, "data_rng": [], "iter_num": 0, "best_val_loss": float("inf"), "evaluated_iter": -1,
+                "skipped_steps": 0}, path)
+
+
+def tiny_model(vocab_size, **overrides):
+    """A random model whose routing is decisive (a strong router, a large random aux_free bias), so
+    that a mapping that dropped the bias or swapped experts could not pass unnoticed."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=vocab_size, **TINY, **overrides))
+    for moe in model.moe_layers:
+        torch.nn.init.normal_(moe.router.weight, std=0.5)
+        if moe.config.balance == "aux_free":
+            moe.expert_bias.normal_(std=0.3)
+    return model.eval()
+
+
+# -----------------------------------------------------------------------------
+# what maps and what is refused (no transformers needed)
+
+
+def shipped(name, vocab_size=2048):
+    cfg = configure([os.path.join(ROOT, "config", name), f"--vocab_size={vocab_size}"], train.defaults())
+    return GPTConfig(**{k: cfg[k] for k in model_fields()})
+
+
+@pytest.mark.parametrize("name, target", [("moe_e4k2.py", "mixtral"), ("cpu_moe.py", "mixtral"),
+                                          ("moe_e64k8_fine.py", "mixtral")])
+def test_shipped_configs_that_map(name, target):
+    assert export.hf_target(shipped(name)) == target
+
+
+@pytest.mark.parametrize("cfg, message", [
+    (shipped("moe_capacity.py"), "capacity_factor=1.25 drops the slots"),
+    (shipped("moe_hetero.py"), "experts of unequal sizes"),
+    (shipped("moe_shared.py"), "n_shared_experts=1 under router_score='softmax'"),
+    (shipped("moe_auxfree.py"), "balance='aux_free' under router_score='softmax'"),
+    (GPTConfig(vocab_size=64, n_experts=4, norm_topk_prob=False), "OLMoE, which does not, normalises queries"),
+    (GPTConfig(vocab_size=64, n_experts=1, top_k=1, router_score="sigmoid"), "needs n_experts >= 2"),
+])
+def test_refusals_say_why(cfg, message):
+    with pytest.raises(UserError, match=message):
+        export.hf_target(cfg)
+
+
+@pytest.mark.slow
+def test_refusal_is_one_line(tmp_path, bpe_spec):
+    save_checkpoint(str(tmp_path / "run" / "ckpt.pt"), tiny_model(400, n_experts=4, capacity_factor=1.0), bpe_spec)
+    r = run_script("export.py", f"--out_dir={tmp_path / 'run'}", f"--to={tmp_path / 'hf'}")
+    one_line_error(r, "capacity_factor=1.0 drops the slots over an expert's capacity")
+    assert not (tmp_path / "hf").exists()
+    with pytest.raises(UserError, match="no checkpoint at"):
+        export.export(str(tmp_path / "nothing"), "")
+
+
+def test_help_lists_the_knobs(capsys):
+    export.main(["--help"])
+    out = capsys.readouterr().out
+    assert out.startswith("Export a trained checkpoint")
+    assert "--to=" in out and "the folder to write" in out and "--overwrite=False" in out
+
+
+def test_missing_transformers_gives_install_hint(tmp_path, bpe_spec, monkeypatch):
+    save_checkpoint(str(tmp_path / "ckpt.pt"), tiny_model(400), bpe_spec)
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers now raises ImportError
+    with pytest.raises(UserError, match="pip install transformers==5.24.0 safetensors==0.8.0"):
+        export.export(str(tmp_path), str(tmp_path / "hf"))
+
+
+# -----------------------------------------------------------------------------
+# exports, loaded back with transformers
+
+
+@needs_transformers
+@pytest.mark.parametrize("kind", KINDS)
+def test_export_is_exact(kind, tmp_path, bpe_spec):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    overrides, cls = KINDS[kind]
+    model = tiny_model(400, **overrides)
+    save_checkpoint(str(tmp_path / "ckpt.pt"), model, bpe_spec)
+    assert export.export(str(tmp_path), str(tmp_path / "hf"))[0] == cls
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert type(hf).__name__ == cls and hf.dtype == torch.float32
+    if cls == "MixtralForCausalLM":  # transformers' Switch loss is top_k times tinymoe's
+        assert hf.config.router_aux_loss_coef == pytest.approx(model.config.aux_loss_coef / model.config.top_k)
+    enc = prepare.encoding(bpe_spec)
+    with torch.no_grad():
+        for prompt in PROMPTS:
+            ids = tokenizer(prompt)["input_ids"]
+            assert ids == enc.encode(prompt)
+            idx = torch.tensor([ids])
+            ours, _, _ = model(idx, targets=idx)  # (1, T, V): every position
+            assert (ours - hf(idx).logits).abs().max().item() < 1e-5
+            # greedy: sample.py with top_k=1 against generate(do_sample=False), which stops at end-of-text
+            want = model.generate(idx, 24, top_k=1)[0].tolist()
+            got = hf.generate(idx, attention_mask=torch.ones_like(idx), do_sample=False, max_new_tokens=24,
+                              pad_token_id=enc.eot_token)[0].tolist()
+            assert got == want[:len(got)] and (len(got) == len(want) or got[-1] == enc.eot_token)
+
+
+@needs_transformers
+def test_export_refuses_to_overwrite(tmp_path, bpe_spec):
+    save_checkpoint(str(tmp_path / "ckpt.pt"), tiny_model(400), bpe_spec)
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("{}")
+    with pytest.raises(UserError, match="not empty"):
+        export.export(str(tmp_path), str(tmp_path / "hf"))
+    assert export.export(str(tmp_path), str(tmp_path / "hf"), overwrite=True)[0] == "LlamaForCausalLM"
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "hf"]  # no temporary folder left behind
+
+
+@needs_transformers
+@pytest.mark.slow
+def test_train_then_export_script(data_root, tmp_path):
+    """train.py's own checkpoint, exported by the script (default folder out_dir/hf), loaded by transformers."""
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "moe"
+    r = run_script("train.py", *TINY_MOE, f"--data_root={data_root}", f"--out_dir={out}", "--max_iters=3")
+    assert r.returncode == 0, r.stderr
+    r = run_script("export.py", f"--out_dir={out}")
+    assert r.returncode == 0, r.stderr
+    assert "MixtralForCausalLM" in r.stdout and "max |logits difference|" in r.stdout
+    hf = AutoModelForCausalLM.from_pretrained(out / "hf")
+    assert type(hf).__name__ == "MixtralForCausalLM" and hf.config.num_local_experts == 4
+
+
+# -----------------------------------------------------------------------------
+# tokenizers
+
+
+TRICKY = ["héllo wörld 123 4567 ☃ 日本語 🤖\n\n  x  \t\t y<|endoftext|>z's they'll", "   leading spaces",
+          "end<|endoftext|>", "\r\n\r\nwindows lines", "<|endoftext|><|endoftext|>"]
+
+
+def check_tokenizer(enc, tmp_path, text):
+    from transformers import AutoTokenizer
+
+    export.hf_tokenizer(export.import_transformers(), enc, 64).save_pretrained(tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    assert tokenizer.eos_token_id == enc.eot_token and len(tokenizer) == enc.n_vocab
+    for s in [text, *TRICKY]:
+        ids = tokenizer(s)["input_ids"]
+        assert ids == enc.encode(s, allowed_special="all"), s[:40]
+        assert tokenizer.decode(ids) == s
+    # the text of every token, each encoded alone
+    texts = [enc.decode([i]) for i in range(enc.n_vocab)]
+    assert tokenizer(texts)["input_ids"] == enc.encode_batch(texts, allowed_special="all")
+
+
+@needs_transformers
+def test_bpe_tokenizer_encodes_as_tiktoken(tmp_path, bpe_spec):
+    check_tokenizer(prepare.encoding(bpe_spec), tmp_path, corpus_text(200_000)[100_000:])
+
+
+@needs_transformers
+@needs_gpt2
+@pytest.mark.slow
+def test_gpt2_tokenizer_encodes_as_tiktoken(tmp_path):
+    check_tokenizer(prepare.encoding({"type": "gpt2"}), tmp_path, corpus_text(60_000))
