@@ -9,6 +9,7 @@ then write out/<name>/report.md with tables, curves.png and gaps.png (report.py 
     python experiment.py config/moe_e4k2.py --sweep="top_k=1,2,4" --match=active  # + dense-active each
     python experiment.py config/cpu_moe.py --sweep="max_iters=500,1000,2000" --match=both  # tokens/param
     python experiment.py config/cpu_moe.py --sweep="n_experts=4,8;top_k=1,2"      # a grid
+    python experiment.py --plot_run=out/cpu_moe      # one run's expert load: out/cpu_moe/expert_load.png
 
 Runs go to out/<name>/<model>-s<seed>/ (with any sweep values in the name; out/ in the current
 directory), each with its train.log; finished runs are skipped and interrupted ones resumed, so the same
@@ -30,7 +31,7 @@ from types import SimpleNamespace
 import train
 from configurator import UserError, configure, usage
 from prepare import PLAIN_NAME
-from report import point_label, write_report
+from report import point_label, routing_history, write_expert_load, write_report
 from runtime import ROOT, duration, read_log
 
 # -----------------------------------------------------------------------------
@@ -41,6 +42,7 @@ match = ""  # dense baselines beside each MoE: "both", "active", "total", "none"
 hold_active = True  # in a sweep over top_k, rescale expert_hidden so that top_k * expert_hidden stays the same
 jobs = 1  # runs at once (at least 1); on CPU each gets cpu_count / jobs threads
 report_only = False  # only rewrite the report from the runs already in out/<name>/
+plot_run = ""  # only draw one train.py run's expert load: --plot_run=out/cpu_moe writes out/cpu_moe/expert_load.png
 # -----------------------------------------------------------------------------
 EXPERIMENT_KEYS = [k for k, v in list(globals().items()) if not k.startswith("_") and k.islower()
                    and isinstance(v, (int, float, bool, str))]
@@ -78,6 +80,7 @@ class Run:
     # from the run's metrics.jsonl, by collect()
     start: dict | None = None  # the start record: config, model_args, params, code version
     curve: list = field(default_factory=list)  # [(tokens, iter, val_loss)] at every evaluation
+    routing: list = field(default_factory=list)  # [(iter, per-layer routing summaries)] at every evaluation
     best: float | None = None  # best validation loss
     done: bool = False  # evaluated at its last step (max_iters)
     seconds: float = 0.0  # from the first log record to the last
@@ -249,8 +252,8 @@ def collect(runs):
         curve = [(r["tokens"], r["iter"], r["val_loss"]) for r in log if "val_loss" in r]
         times = [r["time"] for r in log if "time" in r]
         collected.append(replace(run, start=next((r for r in log if r.get("event") == "start"), None), curve=curve,
-                                 best=min((v for _, _, v in curve), default=None), done=finished(run),
-                                 seconds=times[-1] - times[0] if times else 0.0))
+                                 routing=routing_history(log), best=min((v for _, _, v in curve), default=None),
+                                 done=finished(run), seconds=times[-1] - times[0] if times else 0.0))
     return collected
 
 
@@ -265,6 +268,9 @@ def main(argv):
     try:
         defaults = {**train.defaults(), **{k: globals()[k] for k in EXPERIMENT_KEYS}}
         cfg = SimpleNamespace(**configure(argv, defaults))
+        if cfg.plot_run:
+            print(f"expert load: {write_expert_load(cfg.plot_run)}")
+            return
         files = [a for a in argv if not a.startswith("--")]
         sweep_name = cfg.sweep.replace(";", "_").replace("=", "").replace(",", "-")
         config_name = os.path.splitext(os.path.basename(files[0]))[0] if files else "default"

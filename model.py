@@ -125,6 +125,25 @@ def apply_rope(x, cos, sin):
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
 
+class KVCache:
+    """For generation: one attention layer's keys and values (B, nh, block_size, hs) of the positions seen so
+    far, so that a new token attends to them instead of recomputing the whole context."""
+
+    def __init__(self, config, batch_size, device, dtype):
+        shape = (batch_size, config.n_head, config.block_size, config.n_embd // config.n_head)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0  # positions filled
+
+    def add(self, k, v):
+        """Store k, v (B, nh, T, hs) of the next T positions; return those of every position so far."""
+        T = k.shape[2]
+        self.k[:, :, self.length:self.length + T] = k
+        self.v[:, :, self.length:self.length + T] = v
+        self.length += T
+        return self.k[:, :, :self.length], self.v[:, :, :self.length]  # (B, nh, length, hs)
+
+
 class Attention(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -132,12 +151,17 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)
         self.wo = nn.Linear(config.n_embd, config.n_embd, bias=False)
 
-    def forward(self, x, cos, sin):
+    def forward(self, x, cos, sin, cache=None):
+        """x (B, T, C) at the positions of cos and sin (T, hs/2). With a KVCache (generation), x follows the
+        cached positions and attends to them too; then T == 1, or the cache is empty."""
         B, T, C = x.shape
         q, k, v = self.wqkv(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
+        if cache is not None:
+            k, v = cache.add(k, v)  # (B, nh, positions so far, hs)
+        # causal among the T new positions; a lone new token attends to every cached one
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)  # (B, nh, T, hs)
         return self.wo(y.transpose(1, 2).contiguous().view(B, T, C))
 
 
@@ -275,6 +299,10 @@ class MoE(nn.Module):
             self.shared = MLP(config.n_embd, config.n_shared_experts * config.shared_expert_hidden)
         # aux_free balancing: a bias on the selection scores, learned by the sign rule, not by gradients
         self.register_buffer("expert_bias", torch.zeros(E))
+        # bench.py only, for the best case of dispatch (as torchtitan, OLMo-core and megablocks benchmark it):
+        # route slot s = n * K + k to expert s mod E, so every expert gets N*K/E slots. Not a config knob, so that
+        # no training run can use it: the tokens would go to experts by position, whatever the router says.
+        self.force_balance = False
 
     def forward(self, x):
         """x (B, T, C) -> (output (B, T, C), Switch aux loss, z-loss, routing counts of this batch)."""
@@ -304,7 +332,11 @@ class MoE(nn.Module):
         scores = logits.softmax(-1) if self.config.router_score == "softmax" else logits.sigmoid()  # (N, E)
         # aux_free: the bias steers which experts are chosen, never how much they weigh (Wang et al. 2024)
         select = scores + self.expert_bias if self.config.balance == "aux_free" else scores  # (N, E)
-        experts = select.topk(self.config.top_k, dim=-1).indices  # (N, K)
+        if self.force_balance:  # round-robin over tokens; a token's K slots go to K different experts
+            N, K = x.shape[0], self.config.top_k
+            experts = (torch.arange(N * K, device=x.device) % self.config.n_experts).view(N, K)  # (N, K)
+        else:
+            experts = select.topk(self.config.top_k, dim=-1).indices  # (N, K)
         weights = scores.gather(-1, experts)  # (N, K)
         if self.config.norm_topk_prob:  # softmax, top-k, renormalise == top-k of the logits, softmax (Mixtral)
             weights = weights / weights.sum(-1, keepdim=True)
@@ -382,9 +414,9 @@ class Block(nn.Module):
         self.ffn_norm = nn.RMSNorm(config.n_embd, eps=config.norm_eps)
         self.mlp = MoE(config) if config.n_experts > 0 else MLP(config.n_embd, config.ffn_hidden)
 
-    def forward(self, x, cos, sin):
+    def forward(self, x, cos, sin, cache=None):
         """x (B, T, C) -> (x, aux_loss, z_loss, routing counts); a dense block has no router: 0, 0, None."""
-        x = x + self.attn(self.attn_norm(x), cos, sin)
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache)
         if isinstance(self.mlp, MoE):
             y, aux_loss, z_loss, counts = self.mlp(self.ffn_norm(x))
         else:
@@ -414,18 +446,21 @@ class GPT(nn.Module):
                 std = 0.02 / math.sqrt(2 * config.n_layer) if residual_out else 0.02
                 nn.init.normal_(p, mean=0.0, std=std)
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, cache=None):
         """idx (B, T) token ids -> (logits, loss, stats). With targets, loss = cross-entropy + the weighted
         router losses averaged over MoE layers. stats, detached, for logs and the aux_free update: "routing",
-        per MoE layer what its router did (MoE.routing_counts), and with targets the unweighted ce, aux and z."""
+        per MoE layer what its router did (MoE.routing_counts), and with targets the unweighted ce, aux and z.
+        cache, for generation: a KVCache per layer; idx then holds the positions after those cached."""
         B, T = idx.shape
-        assert T <= self.config.block_size, f"sequence of {T} tokens, block_size is {self.config.block_size}"
-        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        start = cache[0].length if cache else 0  # the position of idx's first token
+        assert start + T <= self.config.block_size, f"{start + T} positions, block_size is {self.config.block_size}"
+        assert start == 0 or T == 1, "after the first call, a cache takes one token at a time"
+        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
         x = self.wte(idx)  # (B, T, C)
         aux_loss = z_loss = 0.0
         routing = []  # per MoE layer
-        for block in self.blocks:
-            x, aux, z, counts = block(x, cos, sin)
+        for block, layer_cache in zip(self.blocks, cache or [None] * len(self.blocks)):
+            x, aux, z, counts = block(x, cos, sin, layer_cache)
             aux_loss, z_loss = aux_loss + aux, z_loss + z
             if counts is not None:
                 routing.append(counts)
@@ -488,10 +523,25 @@ class GPT(nn.Module):
         return summary
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
-        """Append max_new_tokens sampled tokens to idx (B, T)."""
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True):
+        """Append max_new_tokens sampled tokens to idx (B, T), each conditioned on at most block_size tokens.
+        Without use_cache (the reference), every step runs the model on the whole context again. With it, a
+        KVCache per layer keeps the keys and values of the positions seen, and each step runs the new token
+        alone; once block_size positions are cached, it starts again from the last block_size // 2 tokens (one
+        full forward per block_size // 2 new tokens). So while prompt and sample fit in block_size both compute
+        the same; past it a token sees between half and all of a block where the reference sees a full one.
+        (With capacity_factor > 0 drops also differ: which slots overflow depends on the tokens run together.)"""
+        block_size = self.config.block_size
+        cache = None
         for _ in range(max_new_tokens):
-            logits, _, _ = self(idx[:, -self.config.block_size:])
+            if not use_cache:
+                logits, _, _ = self(idx[:, -block_size:])
+            elif cache is None or cache[0].length == block_size:  # (re)fill the cache from the context
+                context = idx[:, -block_size:] if cache is None else idx[:, -max(1, block_size // 2):]
+                cache = [KVCache(self.config, idx.shape[0], idx.device, self.wte.weight.dtype) for _ in self.blocks]
+                logits, _, _ = self(context, cache=cache)
+            else:
+                logits, _, _ = self(idx[:, -1:], cache=cache)
             logits = logits[:, -1, :] / max(temperature, 1e-6)
             if top_k is not None:
                 v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
@@ -526,6 +576,23 @@ def count_params(cfg):
     active = embedding + L * (attn + norms + ffn_active) + C
     active = int(active) if float(active).is_integer() else active
     return {"total": total, "active": active, "embedding": embedding, "non_embedding": total - embedding}
+
+
+def flops_per_token(cfg):
+    """Training FLOPs per token (forward + backward: 3 x the forward's 2 per multiply-add), the numerator of
+    achieved FLOP/s and MFU. Counted on the ACTIVE parameters that multiply a token's activations: attention's
+    projections, the router, K of the E experts (of mean size, as count_params's active), shared experts and
+    the output layer (V x C: a matmul, tied to the embedding or not; the embedding lookup and the norms do no
+    matmul). Counting total parameters would flatter an MoE. Plus attention's scores and weighted sum over the
+    full T x T with T = block_size, as PaLM (appendix B) and nanoGPT count it: a causal kernel does about half
+    of that, so this overstates it by 6 * n_layer * n_embd * block_size per token. What the model needs, not
+    what an implementation spends: zero-padded heterogeneous experts and slots dropped over capacity add none."""
+    C, L, V, T = cfg.n_embd, cfg.n_layer, cfg.vocab_size, cfg.block_size
+    counts = count_params(cfg)
+    norms = (2 * L + 1) * C  # RMSNorm weights: elementwise
+    matmul_params = counts["active"] - counts["embedding"] - norms + V * C  # + the output layer
+    attention = 2 * 2 * L * C * T  # forward: q @ k^T and weights @ v, T * C multiply-adds each per token per layer
+    return 6 * matmul_params + 3 * attention
 
 
 MIN_FFN_RATIO, MAX_FFN_RATIO = 1.0, 16.0  # a matched dense FFN stays within these multiples of n_embd

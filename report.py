@@ -1,7 +1,8 @@
 """
 Rendering of experiment results: the parameter table (also printed by train.py), out/<name>/report.md
-with its tables, curves.csv, and the plots curves.png, gaps.png or sweep.png. experiment.py runs the
-protocol and hands the finished runs (experiment.Run) here.
+with its tables, curves.csv, and the plots curves.png, gaps.png or sweep.png, and each MoE variant's
+expert load (expert_load_<run>.png; for a single run, expert_load.png by experiment.py --plot_run).
+experiment.py runs the protocol and hands the finished runs (experiment.Run) here.
 """
 
 import csv
@@ -11,8 +12,9 @@ import statistics
 
 import torch
 
+from configurator import UserError
 from model import GPTConfig, count_params
-from runtime import ROOT, code_version
+from runtime import ROOT, code_version, read_log
 
 # The published trio: Abdalrahman Wael, "Dense vs Sparse Pretraining at Tiny Scale: Active-Parameter vs
 # Total-Parameter Matching", arXiv:2605.13769 (2026). Best validation loss, mean +/- std over 3 seeds, of
@@ -61,6 +63,14 @@ def routing_text(cfg):
 
 # -----------------------------------------------------------------------------
 # numbers from the runs
+
+
+def flops_text(flops_per_s):
+    """A FLOP/s rate in readable units: '41.2 GFLOP/s', '312.0 TFLOP/s'."""
+    for unit, scale in (("PFLOP/s", 1e15), ("TFLOP/s", 1e12), ("GFLOP/s", 1e9)):
+        if flops_per_s >= scale:
+            return f"{flops_per_s / scale:.1f} {unit}"
+    return f"{flops_per_s / 1e6:.1f} MFLOP/s"
 
 
 def point_label(point):
@@ -147,7 +157,13 @@ def write_report(cfg, runs, points, exp_dir, wall_s, argv):
     elif set(PUBLISHED) <= set(models):
         lines += ordering_lines(runs)
     plots = write_plots(runs, points, models, exp_dir)
-    lines += [f"![{p}]({p})" for p in plots] or ["(matplotlib is not installed: no plots; curves.csv has the data)"]
+    lines += [f"![{p}]({p})" for p in plots if not p.startswith("expert_load")] or \
+        ["(matplotlib is not installed: no plots; curves.csv has the data)"]
+    loads = [p for p in plots if p.startswith("expert_load")]
+    if loads:
+        lines += ["", "## Expert load", "", "Each MoE variant's first seed: per layer, every expert's share of the "
+                  "routed slots on the validation batches at each evaluation (white: the balanced 1/E), and the "
+                  "coefficient of variation of the load.", ""] + [f"![{p}]({p})" for p in loads]
     write_csv(runs, exp_dir)
     lines += ["", "All numbers above come from the runs' own metrics.jsonl files; curves.csv has every evaluation."]
     with open(os.path.join(exp_dir, "report.md"), "w") as f:
@@ -236,14 +252,22 @@ def write_csv(runs, exp_dir):
 # plots
 
 
-def write_plots(runs, points, models, exp_dir):
-    """curves.png and gaps.png, or for a sweep sweep.png; the names of the files written ([] without
-    matplotlib)."""
+def pyplot():
+    """matplotlib.pyplot drawing to files, or None where matplotlib is not installed."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def write_plots(runs, points, models, exp_dir):
+    """curves.png and gaps.png, or for a sweep sweep.png, and expert_load_<run>.png for the first seed of each
+    MoE variant; the names of the files written ([] without matplotlib)."""
+    plt = pyplot()
+    if plt is None:
         return []
     if len(points) > 1:
         figures = [("sweep.png", plot_sweep(plt, runs, points, models))]
@@ -258,6 +282,17 @@ def write_plots(runs, points, models, exp_dir):
             fig.savefig(os.path.join(exp_dir, filename), dpi=120)
             written.append(filename)
         plt.close(fig)
+    first_seeds = {}  # MoE variant -> its first run with routing records
+    for run in sorted(runs, key=lambda r: r.seed):
+        if run.model == "moe" and run.routing:
+            first_seeds.setdefault(run.label, run)
+    for run in first_seeds.values():
+        name = os.path.basename(run.out_dir)
+        filename = f"expert_load_{name}.png"
+        fig = plot_expert_load(plt, run.routing, name)
+        fig.savefig(os.path.join(exp_dir, filename), dpi=120)
+        plt.close(fig)
+        written.append(filename)
     return written
 
 
@@ -317,3 +352,61 @@ def plot_sweep(plt, runs, points, models):
         ax.set_xscale("log", base=2)
     ax.set(xlabel=keys[0], ylabel="best validation loss", title="Sweep (bars: min-max over seeds)")
     return fig
+
+
+# -----------------------------------------------------------------------------
+# expert load
+
+
+def routing_history(log):
+    """[(iteration, routing)] of a run's evaluations, routing being the per-layer summaries
+    (GPT.routing_summary) its metrics.jsonl records hold; [] for a dense run."""
+    return [(r["iter"], r["routing"]) for r in log if r.get("routing")]
+
+
+def plot_expert_load(plt, history, title):
+    """Per MoE layer, a heatmap of each expert's share of the routed slots against the training step, white
+    at the balanced 1/E, red above, blue below; then each layer's coefficient of variation of the load."""
+    from matplotlib.colors import TwoSlopeNorm
+
+    iters = [it for it, _ in history]
+    n_layers, n_experts = len(history[0][1]), len(history[0][1][0]["load"])
+    # cell edges halfway between evaluations, so that uneven intervals (the last one) draw true to scale
+    middles = [(a + b) / 2 for a, b in zip(iters, iters[1:])]
+    edges = [2 * iters[0] - middles[0], *middles, 2 * iters[-1] - middles[-1]] if middles else \
+        [iters[0] - 0.5, iters[0] + 0.5]
+    loads = [[[routing[layer]["load"][e] for _, routing in history] for e in range(n_experts)]
+             for layer in range(n_layers)]  # per layer (E, evaluations)
+    highest = max(max(max(row) for row in load) for load in loads)
+    norm = TwoSlopeNorm(vmin=0.0, vcenter=1 / n_experts, vmax=max(highest, 2 / n_experts))
+    fig, axes = plt.subplots(n_layers + 1, 1, sharex=True, layout="constrained",
+                             figsize=(8, 1.0 + (n_layers + 1) * (1.0 + 0.03 * n_experts)))
+    for layer, (ax, load) in enumerate(zip(axes, loads)):
+        mesh = ax.pcolormesh(edges, [e - 0.5 for e in range(n_experts + 1)], load, cmap="RdBu_r", norm=norm)
+        ax.set_ylabel(f"layer {layer}\nexpert")
+        ax.set_yticks(range(n_experts) if n_experts <= 16 else range(0, n_experts, n_experts // 8))
+    fig.colorbar(mesh, ax=axes, label=f"share of slots (1/E = {1 / n_experts:.3f})", shrink=0.8)
+    for layer in range(n_layers):
+        axes[-1].plot(iters, [routing[layer]["cv"] for _, routing in history], marker=".", label=f"layer {layer}")
+    axes[-1].set(xlabel="training step", ylabel="load cv")
+    axes[-1].legend(fontsize="small", ncol=min(n_layers, 4))
+    fig.suptitle(f"Expert load of {title} (validation batches at each evaluation)")
+    return fig
+
+
+def write_expert_load(run_dir):
+    """run_dir/expert_load.png from run_dir/metrics.jsonl (experiment.py --plot_run); return its path."""
+    log_path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(log_path):
+        raise UserError(f"no metrics.jsonl in {run_dir}: --plot_run takes the out_dir of a train.py run")
+    history = routing_history(read_log(log_path))
+    if not history:
+        raise UserError(f"{log_path} has no routing records: a dense run, or one not evaluated yet")
+    plt = pyplot()
+    if plt is None:
+        raise UserError("--plot_run draws with matplotlib: pip install matplotlib")
+    fig = plot_expert_load(plt, history, os.path.basename(os.path.normpath(run_dir)))
+    path = os.path.join(run_dir, "expert_load.png")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

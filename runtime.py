@@ -139,6 +139,45 @@ def setup_system(device, dtype):
     return System(device, dtype, autocast, rank, world)
 
 
+# Dense (no sparsity) bf16 tensor-core peaks in FLOP/s, by torch.cuda.get_device_name(), matched exactly: one
+# name can begin another ("NVIDIA L4", "NVIDIA L40S"), and one chip's form factors differ (H100 SXM, PCIe).
+PEAK_BF16_FLOPS = {
+    "NVIDIA H100 80GB HBM3": 989e12,  # H100 SXM5
+    "NVIDIA H100 PCIe": 756e12,
+    "NVIDIA H100 NVL": 835e12,
+    "NVIDIA H200": 989e12,  # H200 SXM
+    "NVIDIA A100-SXM4-40GB": 312e12,
+    "NVIDIA A100-SXM4-80GB": 312e12,
+    "NVIDIA A100-PCIE-40GB": 312e12,
+    "NVIDIA A100 80GB PCIe": 312e12,
+    "NVIDIA L4": 121e12,
+    "NVIDIA L40S": 362e12,
+    "NVIDIA GeForce RTX 4090": 165e12,  # with fp32 accumulation, as torch's bf16 matmuls use
+    "NVIDIA GeForce RTX 3090": 71e12,  # idem
+}
+
+
+def device_name(device):
+    """The name of device as torch.cuda reports it (the keys of PEAK_BF16_FLOPS), or its type ("cpu", "mps")."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
+def peak_flops(name, dtype):
+    """(peak FLOP/s, note): the denominator of MFU for a device of that name (device_name) computing in dtype,
+    or None; the note says which peak is used, or why there is none. CPUs get none: their matmul rate depends
+    on the vector units, the clock and the cores other work leaves free, so a fixed peak would mislead and a
+    start-up probe would measure the machine's load of the moment; achieved FLOP/s is shown alone."""
+    if name == "cpu":
+        return None, "MFU not shown on CPU (no fixed peak); achieved FLOP/s only"
+    if dtype != torch.bfloat16:
+        precision = str(dtype).removeprefix("torch.")
+        return None, f"MFU not shown: the peaks known are bf16 tensor-core ones, this run computes in {precision}"
+    if name not in PEAK_BF16_FLOPS:
+        return None, f"MFU not shown: no peak for {name!r} in runtime.PEAK_BF16_FLOPS"
+    peak = PEAK_BF16_FLOPS[name]
+    return peak, f"MFU against the dense bf16 peak of {name}: {peak / 1e12:.0f} TFLOP/s"
+
+
 def wrap_ddp(model, device):
     """The model wrapped for data parallelism. DDP would broadcast the buffers from rank 0 before every
     forward; they are equal on every process already (the aux_free bias is updated from every process's

@@ -8,6 +8,7 @@ Sample text from a trained model, or show which experts the tokens of a prompt a
 
 import math
 import sys
+import time
 from collections import Counter, defaultdict
 from types import SimpleNamespace
 
@@ -25,6 +26,7 @@ num_samples = 3  # samples to draw
 max_new_tokens = 200  # tokens per sample
 temperature = 0.8  # > 0; < 1 sharper, > 1 more random
 top_k = 200  # sample among the k most likely tokens only; 0: all
+use_cache = True  # keep the keys and values of earlier positions (KV cache); False: rerun the whole context per token
 seed = 1337  # of the sampling, so that the same command draws the same text (0 to 2**63 - 1)
 device = "auto"  # "auto" (cuda, then mps, then cpu) or a torch device like "cpu", "cuda:1"
 show_routing = False  # instead of sampling, print the experts each prompt token goes to in `layer`
@@ -130,10 +132,13 @@ def main(argv):
             print_routing([tokenizer.decode([i]) for i in ids], experts, weights, cfg.layer, model.config.n_experts)
             return
         torch.manual_seed(cfg.seed)
+        t0 = time.perf_counter()
         for _ in range(cfg.num_samples):
-            out = model.generate(idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k or None)
+            out = model.generate(idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k or None, cfg.use_cache)
             print(tokenizer.decode(out[0].tolist()))
             print("---------------")
+        tokens_per_s = cfg.num_samples * cfg.max_new_tokens / (time.perf_counter() - t0)
+        print(f"{tokens_per_s:.1f} tokens/s on {device}, {'with' if cfg.use_cache else 'without'} the KV cache")
     except UserError as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:

@@ -29,9 +29,9 @@ import torch
 from tqdm import tqdm
 
 from configurator import UserError, overrides, usage
-from model import GPT, GPTConfig, count_params, match_dense, model_fields
+from model import GPT, GPTConfig, count_params, flops_per_token, match_dense, model_fields
 from prepare import CORPORA, PLAIN_NAME, encoding, load_spec
-from report import param_table
+from report import flops_text, param_table
 from runtime import (
     StopFlag,
     append_log,
@@ -39,6 +39,7 @@ from runtime import (
     check_out_dir,
     code_version,
     compile_model,
+    device_name,
     duration,
     end_processes,
     finite_state,
@@ -46,6 +47,7 @@ from runtime import (
     load_checkpoint,
     load_weights,
     out_dir_lock,
+    peak_flops,
     print0,
     setup_system,
     truncate_log,
@@ -487,7 +489,8 @@ def run_training(cfg, given, stop):
             truncate_log(log_path, progress.iter_num, progress.evaluated_iter == progress.iter_num)
     elif system.master:
         write_log(log_path, [{"event": "start", "time": time.time(), "code": code_version(), "config": vars(cfg),
-                              "model_args": asdict(model_config), "params": count_params(model_config)}])
+                              "model_args": asdict(model_config), "params": count_params(model_config),
+                              "flops_per_token": flops_per_token(model_config)}])
     model = compile_model(raw_model) if use_compile(cfg.compile, device) else raw_model
     eval_model = model  # evaluation needs no gradient synchronisation
     if world > 1:
@@ -496,6 +499,10 @@ def run_training(cfg, given, stop):
     precision = "bfloat16 autocast" if system.dtype == torch.bfloat16 else "float32"
     print0(f"tokens per iteration: {tokens_per_iter:,} = {cfg.gradient_accumulation_steps} micro-step(s) x "
            f"{cfg.batch_size} sequences x {block_size} tokens; device {device}, {precision}, {world} process(es)")
+    flops_per_iter = flops_per_token(model_config) * tokens_per_iter  # over all processes
+    peak, peak_note = peak_flops(device_name(device), system.dtype)
+    print0(f"training FLOPs per token: {flops_per_token(model_config):,.0f} (6 x the active parameters in matmuls, "
+           f"output layer included, + attention over the full T x T; model.flops_per_token); {peak_note}")
 
     bad_steps = 0  # in a row
     stop.graceful = True  # from here a first signal lets the step finish and writes a checkpoint
@@ -567,11 +574,15 @@ def run_training(cfg, given, stop):
                 dt = (time.time() - t_last) / max(1, it - it_last)
                 t_last, it_last = time.time(), it
                 values = {k: float(v) for k, v in parts.items()}
+                speed = {"flops_per_s": flops_per_iter / dt}  # achieved, by all processes together
+                if peak:
+                    speed["mfu"] = speed["flops_per_s"] / (peak * world)
                 print0(f"iter {it}: loss {values['loss']:.4f}, ce {values['ce']:.4f}, aux {values['aux']:.4f}, "
-                       f"z {values['z']:.4f}, lr {lr:.1e}, {dt * 1000:.1f}ms")
+                       f"z {values['z']:.4f}, lr {lr:.1e}, {dt * 1000:.1f}ms, {flops_text(speed['flops_per_s'])}"
+                       + (f", MFU {speed['mfu']:.1%}" if peak else ""))
                 if system.master:
                     append_log(log_path, {"iter": it, "tokens": it * tokens_per_iter, **values, "lr": lr,
-                                          "ms_per_iter": dt * 1000, "tokens_per_s": tokens_per_iter / dt,
+                                          "ms_per_iter": dt * 1000, "tokens_per_s": tokens_per_iter / dt, **speed,
                                           "skipped_steps": progress.skipped_steps})
 
             # --- stop cleanly on SIGINT / SIGTERM ---

@@ -1,44 +1,110 @@
-"""bench.py on tiny shapes: every model and path runs, the table and JSON hold what they claim."""
+"""bench.py on tiny shapes: every model, path and routing runs, the table and JSON hold what they claim."""
 
 import json
+import os
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
+import torch._dynamo
+from conftest import ROOT
 
 import bench
 from model import GPTConfig
 from runtime import use_compile
 
+TINY = GPTConfig(vocab_size=128, block_size=16, n_layer=1, n_head=2, n_embd=32, n_experts=4, top_k=2,
+                 expert_hidden=64)
+
+
+def bench_cfg(**kw):
+    return SimpleNamespace(**{**dict(quick=True, device="cpu", dtype="float32", compile="false", repeats=2, warmup=1,
+                                     json_path=""), **kw})
+
 
 @pytest.mark.slow  # a fresh process per model measures its peak memory
 def test_bench_table_and_json(tmp_path, monkeypatch, capsys):
-    tiny = GPTConfig(vocab_size=128, block_size=16, n_layer=1, n_head=2, n_embd=32, n_experts=4, top_k=2,
-                     expert_hidden=64)
-    monkeypatch.setattr(bench, "shapes", lambda quick: (tiny, 2))
+    monkeypatch.setattr(bench, "shapes", lambda quick: (TINY, 2))
     out = tmp_path / "bench.json"
-    cfg = SimpleNamespace(quick=True, device="cpu", dtype="float32", compile="false", repeats=2, warmup=1,
-                          json_path=str(out))
-    rows = bench.run(cfg)
-    assert [(r["model"], r["moe_impl"]) for r in rows] == [
-        ("dense-active", "-"), ("moe-e4k2", "grouped"), ("moe-e4k2", "loop"), ("moe-e16k4", "grouped"),
-        ("moe-e16k4", "loop"), ("moe-e64k8", "grouped"), ("moe-e64k8", "loop")]
+    rows = bench.run(bench_cfg(json_path=str(out)))
+    moe_rows = [(m, impl, routing) for m in ("moe-e4k2", "moe-e16k4", "moe-e64k8") for impl in ("grouped", "loop")
+                for routing in ("real", "balanced")]
+    assert [(r["model"], r["moe_impl"], r["routing"]) for r in rows] == [("dense-active", "-", "-"), *moe_rows]
     assert all(r["ms_per_step"] > 0 and r["peak_memory_mb"] > 0 and not r["compile"] for r in rows)
+    assert all("mfu" not in r for r in rows)  # no peak on CPU
     # the same active parameters up to the router (E * n_embd per layer) and the dense match's rounding
     # (below half an FFN unit, 3 * n_embd * n_layer / 2)
     for r in rows[1:]:
         n_experts = int(r["model"].split("-e")[1].split("k")[0])
-        slack = n_experts * tiny.n_embd * tiny.n_layer + 3 * tiny.n_embd * tiny.n_layer / 2
+        slack = n_experts * TINY.n_embd * TINY.n_layer + 3 * TINY.n_embd * TINY.n_layer / 2
         assert abs(r["active_params"] - rows[0]["active_params"]) <= slack
+    for r in rows:
+        assert r["flops_per_s"] == pytest.approx(bench.flops_per_token(bench_model(r)) * r["tokens_per_s"])
+        twin = next((b for b in rows if b["routing"] == "balanced" and b["model"] == r["model"]
+                     and b["moe_impl"] == r["moe_impl"]), None)
+        assert ("ratio_to_balanced" in r) == (twin is not None)
+        if twin:
+            assert r["ratio_to_balanced"] == pytest.approx(r["ms_per_step"] / twin["ms_per_step"])
     assert json.load(open(out))["rows"] == rows
     # the printed table: one line per row, with the row's numbers
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "ms/step" not in line]
     assert len(lines) == len(rows)
     for line, r in zip(lines, rows):
         cells = [c.strip() for c in line.strip("|").split("|")]
-        assert cells[:2] == [r["model"], r["moe_impl"]]
-        assert float(cells[4]) == pytest.approx(r["ms_per_step"], abs=0.05)
-        assert float(cells[7]) == pytest.approx(r["ms_per_step"] / rows[0]["ms_per_step"], abs=0.005)
+        assert cells[:3] == [r["model"], r["moe_impl"], r["routing"]]
+        assert float(cells[5]) == pytest.approx(r["ms_per_step"], abs=0.05)
+        assert float(cells[9]) == pytest.approx(r["ms_per_step"] / rows[0]["ms_per_step"], abs=0.005)
+        assert cells[10] == (f"{r['ratio_to_balanced']:.2f}" if "ratio_to_balanced" in r else "-")
+
+
+def bench_model(row):
+    """The GPTConfig bench timed for a row."""
+    return next(cfg for name, cfg, routing in bench.bench_models(TINY, ("grouped", "loop"))
+                if name == row["model"] and (cfg.moe_impl if cfg.n_experts else "-") == row["moe_impl"])
+
+
+BENCH_MODELS = bench.bench_models
+
+
+@pytest.mark.slow  # compiling takes minutes on 2 cores
+def test_compiled_fp32_bench_times_the_loop_without_hitting_the_recompile_limit(monkeypatch, capsys):
+    """--compile in fp32: compiled grouped_mm takes bf16 only, so the MoE rows time the loop; and every model
+    compiles its own entry of GPT.forward, more than dynamo's recompile limit (set to 2 here) allows."""
+    monkeypatch.setattr(bench, "shapes", lambda quick: (TINY, 2))
+    monkeypatch.setattr(bench, "bench_models", lambda moe, impls: [
+        row for row in BENCH_MODELS(moe, impls) if row[0] in ("dense-active", "moe-e4k2")])
+    monkeypatch.setattr(bench, "peak_memory", lambda *args: 1.0)  # each would compile again in a fresh process
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
+    torch._dynamo.reset()
+    rows = bench.run(bench_cfg(compile="true", repeats=1))
+    assert [(r["moe_impl"], r["routing"], r["compile"]) for r in rows] == [
+        ("-", "-", True), ("loop", "real", True), ("loop", "balanced", True)]
+    assert "grouped dispatch not timed" in capsys.readouterr().out
+
+
+def test_data_cost_writes_outside_the_repository(monkeypatch):
+    opened = []
+    memmap = np.memmap
+    monkeypatch.setattr(np, "memmap", lambda path, **kw: opened.append(path) or memmap(path, **kw))
+    assert bench.data_cost(2, 16, torch.device("cpu")) > 0
+    assert len(opened) == 1 and not os.path.abspath(opened[0]).startswith(ROOT + os.sep)
+    assert not os.path.exists(opened[0])  # and removed
+
+
+def test_dispatch_paths():
+    """Both paths eagerly; compiled, the grouped GEMM only in bf16."""
+    assert bench.dispatch_paths(torch.float32, compiled=False) == ("grouped", "loop")
+    assert bench.dispatch_paths(torch.float32, compiled=True) == ("loop",)
+    assert bench.dispatch_paths(torch.bfloat16, compiled=True) == ("grouped", "loop")
+
+
+def test_table_shows_mfu_where_known():
+    row = dict(model="moe-e4k2", moe_impl="grouped", routing="real", compile=True, dtype="bfloat16", ms_per_step=2.0,
+               tokens_per_s=1e6, flops_per_s=3.1e14, mfu=0.3135, peak_memory_mb=100.0, ratio_to_dense=1.1,
+               memory_ratio_to_dense=1.2, ratio_to_balanced=1.05)
+    lines = bench.table([row]).splitlines()
+    assert "MFU" in lines[0] and "| 31.4% |" in lines[2] and "310.0 TFLOP/s" in lines[2]
 
 
 def test_compile_knob():

@@ -54,6 +54,8 @@ def test_trio_over_seeds_and_report(data_root, in_tmp, capsys):
                  "## Against the published result"):
         assert part in text, part
     assert (exp / "curves.png").exists() and (exp / "gaps.png").exists() and (exp / "curves.csv").exists()
+    assert "![expert_load_moe-s1337.png](expert_load_moe-s1337.png)" in text.split("## Expert load")[1]
+    assert (exp / "expert_load_moe-s1337.png").exists() and not (exp / "expert_load_moe-s1338.png").exists()
     # the report's numbers are the runs' numbers
     logs = {run: [json.loads(line) for line in open(exp / run / "metrics.jsonl")] for run in runs}
     models = table_after(text, "## Models")

@@ -6,8 +6,22 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from torch.utils.flop_counter import FlopCounterMode
+
 import model
-from model import GPT, MAX_FFN_RATIO, MLP, GPTConfig, MoE, count_params, match_dense, slots_per_expert
+from model import (
+    GPT,
+    MAX_FFN_RATIO,
+    MLP,
+    GPTConfig,
+    KVCache,
+    MoE,
+    count_params,
+    flops_per_token,
+    match_dense,
+    model_fields,
+    slots_per_expert,
+)
 
 TOY = dict(vocab_size=97, block_size=16, n_layer=2, n_head=2, n_embd=32)
 VARIANTS = {
@@ -56,6 +70,104 @@ def test_router_counts_as_active():
     experts = sum(p.numel() for name, p in params.items() if ".experts." in name)
     assert router == cfg.n_layer * cfg.n_experts * cfg.n_embd
     assert count_params(cfg)["active"] == sum(p.numel() for p in params.values()) - experts * (1 - 2 / 4)
+
+
+def test_flops_per_token_by_hand():
+    """TOY shapes (V 97, C 32, L 2, T 16), 6 FLOPs per multiply-add of a training step (forward 2, backward 4)."""
+    attention = 3 * 2 * 2 * 32 * 16 * 2  # q @ k^T and weights @ v over the full T x T: 2 x T x C per token per layer
+    output = 97 * 32  # tied or not, the output layer is a matmul; the embedding lookup is not
+    dense = 6 * (2 * (4 * 32 * 32 + 3 * 32 * 96) + output) + attention  # ffn_hidden 96 = 8/3 * 32 rounded up to 16
+    assert flops_per_token(toy()) == dense == 190_656
+    assert flops_per_token(toy(tie_embeddings=False, ffn_hidden=40)) == 6 * (2 * (4096 + 3 * 32 * 40) + output) + 12288
+    # MoE: the router (E x C) and K = 2 of the 4 experts of 48, not all 4
+    moe = 6 * (2 * (4 * 32 * 32 + 4 * 32 + 2 * 3 * 32 * 48) + output) + attention
+    assert flops_per_token(toy(n_experts=4, top_k=2, expert_hidden=48)) == moe == 192_192
+    # shared experts count in full; unequal experts at their mean size (as count_params's active)
+    shared = toy(n_experts=4, top_k=2, expert_hidden=24, n_shared_experts=2, shared_expert_hidden=16)
+    assert flops_per_token(shared) == 6 * (2 * (4096 + 128 + 2 * 3 * 32 * 24 + 2 * 3 * 32 * 16) + output) + attention
+    hetero = toy(top_k=2, expert_groups=((2, 16), (2, 48)))
+    assert flops_per_token(hetero) == 6 * (2 * (4096 + 128 + 2 * 3 * 32 * 32) + output) + attention
+
+
+def test_flops_per_token_at_moe_e4k2_shapes():
+    """The output layer (6 x 50257 x 256 per token) is most of the count at the study's shapes."""
+    cfg = GPTConfig(vocab_size=50257, block_size=256, n_layer=6, n_head=8, n_embd=256, n_experts=4, top_k=2,
+                    expert_hidden=512)
+    output = 6 * 50257 * 256
+    without_output = flops_per_token(cfg) - output
+    assert without_output == 6 * 6 * (4 * 256 * 256 + 4 * 256 + 2 * 3 * 256 * 512) + 12 * 6 * 256 * 256
+    assert flops_per_token(cfg) / without_output == pytest.approx(2.82, abs=0.01)
+
+
+@pytest.mark.parametrize("name", ["dense", "dense_untied", "moe_e4k2", "moe_shared"])
+def test_flops_per_token_equals_counted_matmuls(name):
+    """A training step's matmul FLOPs as torch's FlopCounterMode counts them, on the loop path (it does not count
+    grouped_mm), plus attention's (it does not count CPU attention kernels)."""
+    cfg = toy(**VARIANTS[name], **({"moe_impl": "loop"} if name.startswith("moe") else {}))
+    model = GPT(cfg)
+    idx = torch.randint(0, 97, (3, 16))
+    with FlopCounterMode(display=False) as counter:
+        _, loss, _ = model(idx, idx)
+        loss.backward()
+    attention = 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+    assert counter.get_total_flops() == (flops_per_token(cfg) - attention) * idx.numel()
+
+
+def test_forced_balance_gives_every_expert_the_same_slots():
+    cfg = toy(n_experts=4, top_k=2, expert_hidden=48)
+    moe = MoE(cfg)
+    with torch.no_grad():
+        moe.router.weight.normal_(0, 1)
+        moe.router.weight[0] += 3  # on positive inputs, expert 0 wins every token
+    x = torch.rand(2, 16, cfg.n_embd)
+    assert moe(x)[3]["load"][0] == 32
+    moe.force_balance = True
+    _, _, weights, experts = moe.route(x.view(-1, cfg.n_embd))
+    assert moe(x)[3]["load"].tolist() == [16.0] * 4  # N * K / E = 32 * 2 / 4
+    assert all(len(set(row)) == 2 for row in experts.tolist())  # a token's K slots go to K different experts
+    torch.testing.assert_close(weights.sum(-1), torch.ones(32))  # still the router's (renormalised) weights
+    for impl in ("grouped", "loop"):  # both dispatch paths take it
+        moe.config.moe_impl = impl
+        y, _, _, _ = moe(x)
+        assert y.shape == x.shape and torch.isfinite(y).all()
+
+
+def test_forced_balance_is_no_config_knob():
+    """Only bench.py sets it, on the modules: no config file or --key=value can train with it."""
+    assert "force_balance" not in model_fields() and not GPT(toy(n_experts=4)).moe_layers[0].force_balance
+
+
+@pytest.mark.parametrize("name", ["dense", "moe_e4k2", "moe_shared", "moe_hetero", "moe_auxfree"])
+def test_kv_cache_generates_as_the_reference(name):
+    """Greedy decoding with the KV cache gives the reference's tokens, and each step's logits are close to those
+    of the whole context run again, while prompt and sample fit in block_size."""
+    torch.manual_seed(0)
+    model = GPT(toy(**VARIANTS[name])).eval()
+    prompt = torch.randint(0, 97, (2, 5))
+    reference = model.generate(prompt, 11, top_k=1, use_cache=False)  # 5 + 11 = block_size
+    cached = model.generate(prompt, 11, top_k=1, use_cache=True)
+    assert torch.equal(cached, reference)
+    cache = [KVCache(model.config, 2, "cpu", torch.float32) for _ in model.blocks]
+    with torch.no_grad():
+        logits, _, _ = model(reference[:, :5], cache=cache)
+        for t in range(5, 16):
+            full, _, _ = model(reference[:, :t])
+            torch.testing.assert_close(logits, full, rtol=1e-5, atol=1e-5)
+            logits, _, _ = model(reference[:, t:t + 1], cache=cache)
+
+
+def test_kv_cache_past_block_size():
+    """Past block_size the cache starts again from the last half block: sampling runs on, the tokens up to
+    block_size are the reference's."""
+    torch.manual_seed(0)
+    model = GPT(toy(n_experts=4, top_k=2, expert_hidden=48)).eval()
+    prompt = torch.randint(0, 97, (1, 3))
+    reference = model.generate(prompt, 40, top_k=1, use_cache=False)
+    cached = model.generate(prompt, 40, top_k=1, use_cache=True)
+    assert cached.shape == (1, 43)
+    assert torch.equal(cached[:, :17], reference[:, :17])  # the 17th token is the last the full cache predicts
+    torch.manual_seed(1)
+    assert model.generate(torch.randint(0, 97, (1, 20)), 3, use_cache=True).shape == (1, 23)  # a long prompt
 
 
 @pytest.mark.parametrize("name", [n for n in VARIANTS if n.startswith("moe")])

@@ -1,13 +1,15 @@
 """report.py on made-up runs (no training): pairing by seed, gaps, the parameter table, CSV, paths."""
 
 import csv
+import json
 import os
 import statistics
 from dataclasses import replace
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
-from conftest import ROOT
+from conftest import ROOT, one_line_error, run_script
 
 import report
 from experiment import Run
@@ -79,3 +81,47 @@ def test_report_shows_repo_relative_data_path(tmp_path):
     cfg = SimpleNamespace(seed=1, seeds=1, jobs=1, report_only=True, sweep="")
     text = open(report.write_report(cfg, runs, [{}], str(tmp_path), 0.0, [])).read()
     assert f"`shakespeare` ({os.path.join('data', 'shakespeare')})" in text and ROOT not in text
+
+
+def routing_log(run_dir, iters=(0, 10, 25), n_layers=2, n_experts=4):
+    """A metrics.jsonl of made-up evaluations whose routing summaries skew towards expert 0 over training."""
+    records = [{"event": "start"}, {"iter": 5, "loss": 3.0}]
+    for i, it in enumerate(iters):
+        routing = []
+        for layer in range(n_layers):
+            load = [1 / n_experts + 0.05 * (i + layer)] + [1 / n_experts - 0.05 * (i + layer) / (n_experts - 1)] * 3
+            routing.append({"load": load, "cv": 0.1 * (i + layer), "max_mean": 1.0, "dropped": 0.0, "entropy": 1.0})
+        records.append({"iter": it, "val_loss": 3.0, "routing": routing})
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    return records
+
+
+def test_expert_load_heatmap_holds_the_logged_loads(tmp_path):
+    records = routing_log(tmp_path)
+    history = report.routing_history(records)
+    assert [it for it, _ in history] == [0, 10, 25]  # evaluations only
+    plt = report.pyplot()
+    fig = report.plot_expert_load(plt, history, "run")
+    heatmaps = [ax.collections[0] for ax in fig.axes[:2]]
+    for layer, mesh in enumerate(heatmaps):  # rows: experts, columns: evaluations
+        expected = [[r["routing"][layer]["load"][e] for r in records[2:]] for e in range(4)]
+        np.testing.assert_allclose(np.asarray(mesh.get_array()).reshape(4, 3), expected)
+        assert mesh.norm.vcenter == 0.25  # white at the balanced share
+    assert fig.axes[0].get_xlim() == (-5.0, 32.5)  # cells centred on evaluations, edges halfway between
+    cv_lines = fig.axes[2].lines
+    np.testing.assert_allclose([line.get_ydata() for line in cv_lines], [[0, 0.1, 0.2], [0.1, 0.2, 0.3]])
+    plt.close(fig)
+    path = report.write_expert_load(str(tmp_path))
+    assert path == os.path.join(str(tmp_path), "expert_load.png") and os.path.getsize(path) > 0
+
+
+def test_plot_run_command_and_its_errors(tmp_path):
+    routing_log(tmp_path / "moe")
+    r = run_script("experiment.py", f"--plot_run={tmp_path / 'moe'}")
+    assert r.returncode == 0 and (tmp_path / "moe" / "expert_load.png").exists(), r.stderr
+    one_line_error(run_script("experiment.py", f"--plot_run={tmp_path / 'none'}"), "no metrics.jsonl in")
+    (tmp_path / "dense").mkdir()
+    (tmp_path / "dense" / "metrics.jsonl").write_text('{"iter": 0, "val_loss": 3.0, "routing": []}\n')
+    one_line_error(run_script("experiment.py", f"--plot_run={tmp_path / 'dense'}"), "has no routing records")

@@ -11,8 +11,8 @@ from conftest import TINY_MOE, one_line_error, run_script, tiny_arg
 
 import train
 from configurator import UserError
-from model import count_params
-from runtime import CHECKPOINT_FORMAT, CHECKPOINT_KEYS, load_checkpoint, save_checkpoint
+from model import GPTConfig, count_params, flops_per_token
+from runtime import CHECKPOINT_FORMAT, CHECKPOINT_KEYS, load_checkpoint, peak_flops, save_checkpoint
 
 
 def train_args(data_root, out_dir, *extra):
@@ -37,8 +37,13 @@ def test_train_moe_end_to_end(data_root, tmp_path):
     assert logs[0]["event"] == "start" and logs[0]["params"]["total"] > logs[0]["params"]["active"]
     steps = [r for r in logs if "loss" in r]
     assert [r["iter"] for r in steps] == [1, 2, 3]
-    for key in ("tokens", "loss", "ce", "aux", "z", "lr", "ms_per_iter", "tokens_per_s"):
+    for key in ("tokens", "loss", "ce", "aux", "z", "lr", "ms_per_iter", "tokens_per_s", "flops_per_s"):
         assert all(np.isfinite(r[key]) for r in steps), key
+    # achieved FLOP/s from the active parameters (model.flops_per_token); no MFU on CPU
+    assert logs[0]["flops_per_token"] == flops_per_token(GPTConfig(**logs[0]["model_args"]))
+    assert all(r["flops_per_s"] == pytest.approx(logs[0]["flops_per_token"] * r["tokens_per_s"]) for r in steps)
+    assert "FLOP/s" in r.stdout.split("iter 3: loss")[1].splitlines()[0] and "MFU not shown on CPU" in r.stdout
+    assert not any("mfu" in r for r in steps)
     evals = [r for r in logs if "val_loss" in r]
     assert [r["iter"] for r in evals] == [0, 2, 3]
     assert len(evals[-1]["routing"]) == 2 and len(evals[-1]["routing"][0]["load"]) == 4
@@ -48,8 +53,14 @@ def test_train_moe_end_to_end(data_root, tmp_path):
     assert state["best_val_loss"] == min(r["val_loss"] for r in evals)
     assert not any(k.startswith("_orig_mod") for k in state["model"])
 
-    r = run_script("sample.py", f"--out_dir={out}", "--max_new_tokens=10", "--num_samples=1", "--start=KING")
-    assert r.returncode == 0 and r.stdout.startswith("KING"), r.stderr
+    samples = {}
+    for cache in (True, False):  # greedy: the same text with and without the KV cache
+        r = run_script("sample.py", f"--out_dir={out}", "--max_new_tokens=10", "--num_samples=1", "--start=KING",
+                       "--top_k=1", f"--use_cache={cache}")
+        assert r.returncode == 0 and r.stdout.startswith("KING"), r.stderr
+        assert r.stdout.splitlines()[-1].endswith(f"tokens/s on cpu, {'with' if cache else 'without'} the KV cache")
+        samples[cache] = r.stdout.split("---------------")[0]
+    assert samples[True] == samples[False]
     r = run_script("sample.py", f"--out_dir={out}", "--start=the king", "--show_routing=True", "--layer=1")
     assert r.returncode == 0, r.stderr
     assert "MoE layer 1" in r.stdout and "-> e" in r.stdout
@@ -155,3 +166,18 @@ def test_checkpoint_is_atomic_and_validated(tmp_path):
     save_checkpoint(path, state)  # the right format, a key missing: foreign
     with pytest.raises(UserError, match="not a tinymoe checkpoint of format 1: it has no data_rng"):
         load_checkpoint(path)
+
+
+def test_peak_flops_by_exact_device_name():
+    """MFU's peak: the exact name torch reports, so that an L40S is not taken for an L4, nor an H100 PCIe for
+    an SXM; bf16 peaks only; none on CPU. The note names the peak used."""
+    bf16 = torch.bfloat16
+    assert peak_flops("NVIDIA L4", bf16)[0] == 121e12 and peak_flops("NVIDIA L40S", bf16)[0] == 362e12
+    assert peak_flops("NVIDIA H100 80GB HBM3", bf16)[0] == 989e12 and peak_flops("NVIDIA H100 PCIe", bf16)[0] == 756e12
+    peak, note = peak_flops("NVIDIA H100 PCIe", bf16)
+    assert "NVIDIA H100 PCIe" in note and "756 TFLOP/s" in note
+    for name in ("NVIDIA L40", "NVIDIA H100", "Tesla T4"):  # near misses and unknown cards: no guess
+        peak, note = peak_flops(name, bf16)
+        assert peak is None and name in note
+    assert peak_flops("NVIDIA L4", torch.float32)[0] is None  # the table holds bf16 peaks
+    assert peak_flops("cpu", bf16)[0] is None and peak_flops("cpu", torch.float32)[0] is None
