@@ -223,14 +223,6 @@ def progress(done_runs, n_runs, steps, total, seconds):
     return f"{done_runs} of {n_runs} runs done, {steps:,} of {total:,} steps{left}"
 
 
-def warmup_warnings(cfg, runs):
-    """Runs that end before their learning-rate warmup does (as a sweep over max_iters may make some): one
-    warning line for each such pair of max_iters and warmup_iters."""
-    pairs = dict.fromkeys((r.max_iters, r.overrides.get("warmup_iters", cfg.warmup_iters)) for r in runs)
-    return [f"warning: max_iters={m} is below warmup_iters={w}: those runs end while the learning rate still "
-            f"warms up, at {m / (w + 1):.0%} of learning_rate" for m, w in pairs if m < w]
-
-
 def stop_runs(procs):
     """Stop training processes as a Ctrl-C would (each writes a checkpoint) and wait for them; a Ctrl-C while
     waiting passes on, and stops them at once."""
@@ -286,8 +278,6 @@ def main(argv):
         runs = plan(cfg, points, train_args, exp_dir)
         for r in runs:  # every variant must be a valid model that can be matched, before any training
             configured_model(cfg, match_of(r.model), **r.overrides)
-        for line in warmup_warnings(cfg, runs):
-            print(line)
         train.load_data(cfg.dataset, data_dir, configured_model(cfg), None)  # its files, checked once for all runs
         t0 = time.time()
         if not cfg.report_only:

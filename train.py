@@ -418,8 +418,8 @@ def summary_line(progress, max_iters, seconds, out_dir, launcher, argv):
     sample = ["python", os.path.join(os.path.dirname(launcher[-1]), "sample.py"), f"--out_dir={out_dir}"]
     state = f"finished {max_iters} iterations" if finished else \
         f"stopped at iteration {progress.iter_num} of {max_iters}"
-    return (f"{state} in {duration(seconds)}, best val loss {progress.best_val_loss:.4f}, checkpoint "
-            f"{os.path.join(out_dir, 'ckpt.pt')}; sample: {shlex.join(sample)}; "
+    return (f"{state} in {duration(seconds)}, best val loss {progress.best_val_loss:.4f}, checkpoint"
+            f"{'' if finished else ' written:'} {os.path.join(out_dir, 'ckpt.pt')}; sample: {shlex.join(sample)}; "
             f"{'train on' if finished else 'continue'}: {shlex.join(resume)}")
 
 
@@ -428,9 +428,10 @@ def summary_line(progress, max_iters, seconds, out_dir, launcher, argv):
 
 
 def train(cfg, given=None):
-    """Train as cfg (a namespace of every config key) says; return its Progress (None for a dry run). given: the keys the user set (see resume_config). Every knob is checked first; then, but for a dry
-    run, the first process holds out_dir for the whole run (one run per out_dir). A SIGINT or SIGTERM stops
-    the run with KeyboardInterrupt (see StopFlag), saying what it leaves."""
+    """Train as cfg (a namespace of every config key) says; return its Progress (None for a dry run). given: the
+    keys the user set (see resume_config). Every knob is checked first; then, but for a dry run, the first
+    process holds out_dir for the whole run (one run per out_dir). A SIGINT or SIGTERM stops the run with
+    Stopped once its checkpoint is written (a second one at once, with KeyboardInterrupt; see StopFlag)."""
     check_knobs(cfg)
     hold = not cfg.dry_run and int(os.environ.get("RANK", 0)) == 0
     with out_dir_lock(cfg.out_dir) if hold else nullcontext(), StopFlag() as stop:
@@ -591,8 +592,7 @@ def run_training(cfg, given, stop):
                     raise UserError(diverged(f"iteration {it}: non-finite weights or optimizer state, not "
                                              f"checkpointed", last_good))
                 write_checkpoint(ckpt_path, about, raw_model, optimizer, progress, data_rng, system)
-                raise KeyboardInterrupt(f"stopped at iteration {it}, checkpoint written: continue with the same "
-                                        f"command and --init_from=resume")
+                raise Stopped(progress)
     finally:
         # --- finish ---
         bar.close()
@@ -600,6 +600,15 @@ def run_training(cfg, given, stop):
             del model  # DDP's reducer holds the process group
             end_processes()
     return progress
+
+
+class Stopped(KeyboardInterrupt):
+    """A run stopped by SIGINT or SIGTERM once its checkpoint is written: main ends it with the summary line
+    (and status 130, as an interrupted command)."""
+
+    def __init__(self, progress):
+        super().__init__(f"stopped at iteration {progress.iter_num}, checkpoint written")
+        self.progress = progress
 
 
 def launcher():
@@ -626,6 +635,10 @@ def main(argv):
         progress = train(cfg, set(given))
     except UserError as e:
         sys.exit(f"error: {e}")
+    except Stopped as e:
+        summary = summary_line(e.progress, cfg.max_iters, time.time() - start, cfg.out_dir, launcher(), argv)
+        print0(f"interrupted: {summary}", file=sys.stderr)
+        sys.exit(130)
     except KeyboardInterrupt as e:
         print0(f"interrupted: {e}" if str(e) else "interrupted", file=sys.stderr)
         sys.exit(130)

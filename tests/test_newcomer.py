@@ -100,7 +100,7 @@ def test_summary_line_of_a_stopped_run():
     argv = ["config/a b.py", "--overwrite=True", "--max_iters=60"]
     line = train.summary_line(train.Progress(iter_num=15, best_val_loss=2.5), 60, 75.0, "out/x",
                               ["python", "../tinymoe/train.py"], argv)
-    assert line == ("stopped at iteration 15 of 60 in 75s, best val loss 2.5000, checkpoint out/x/ckpt.pt; "
+    assert line == ("stopped at iteration 15 of 60 in 75s, best val loss 2.5000, checkpoint written: out/x/ckpt.pt; "
                     "sample: python ../tinymoe/sample.py --out_dir=out/x; "
                     "continue: python ../tinymoe/train.py 'config/a b.py' --max_iters=60 --init_from=resume")
 
@@ -133,15 +133,12 @@ def experiment_cfg(*args):
     return SimpleNamespace(**configure([*TINY_MOE, *args], defaults))
 
 
-def test_sweep_below_warmup_warns():
+def test_sweep_below_warmup_warns(capsys):
     cfg = experiment_cfg("--warmup_iters=50", "--sweep=max_iters=20,50,100", "--seeds=2")
-    runs = experiment.plan(cfg, experiment.parse_sweep(cfg.sweep, vars(cfg)), [], "out/x")
-    assert experiment.warmup_warnings(cfg, runs) == [
-        "warning: max_iters=20 is below warmup_iters=50: those runs end while the learning rate still warms up, "
-        "at 39% of learning_rate"]
-    cfg = experiment_cfg("--warmup_iters=2", "--sweep=max_iters=2,4")
-    assert experiment.warmup_warnings(cfg, experiment.plan(cfg, experiment.parse_sweep(cfg.sweep, vars(cfg)), [],
-                                                           "out/x")) == []
+    experiment.check_knobs(cfg, experiment.parse_sweep(cfg.sweep, vars(cfg)))
+    assert capsys.readouterr().out.splitlines() == [  # once per sweep point whose runs never reach learning_rate
+        f"warning: warmup_iters (50) >= max_iters ({n}): the learning rate never reaches learning_rate"
+        for n in (20, 50)]
 
 
 def test_experiment_progress_line():
@@ -152,7 +149,7 @@ def test_experiment_progress_line():
 
 @pytest.mark.slow
 def test_experiment_says_where_it_stands(data_root, tmp_path):
-    args = [*TINY_MOE, f"--data_root={data_root}", "--max_iters=2", "--seeds=1", "--match=active", "--name=e"]
+    args = [*TINY_MOE, f"--data_root={data_root}", "--max_iters=3", "--seeds=1", "--match=active", "--name=e"]
     r = subprocess.run([sys.executable, os.path.join(ROOT, "experiment.py"), *args], cwd=tmp_path,
                        capture_output=True, text=True, timeout=600)  # out/ goes to the current directory
     assert r.returncode == 0, r.stderr
@@ -161,7 +158,7 @@ def test_experiment_says_where_it_stands(data_root, tmp_path):
     log = os.path.join("out", "e", "moe-s1337", "train.log")
     assert lines[1].startswith(f"start moe seed 1337 (1 of 2, log in {log}): ")
     done = [line for line in lines if line.startswith("done ")]
-    assert len(done) == 2 and re.search(r"1 of 2 runs done, 2 of 4 steps, about \d+s left$", done[0])
-    assert done[1].endswith("2 of 2 runs done, 4 of 4 steps")
+    assert len(done) == 2 and re.search(r"1 of 2 runs done, 3 of 6 steps, about \d+s left$", done[0])
+    assert done[1].endswith("2 of 2 runs done, 6 of 6 steps")
     assert (tmp_path / "out" / "e" / "report.md").exists()
-    assert open(tmp_path / log).read().strip().splitlines()[-1].startswith("finished 2 iterations in ")
+    assert open(tmp_path / log).read().strip().splitlines()[-1].startswith("finished 3 iterations in ")
