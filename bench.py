@@ -35,7 +35,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from configurator import UserError, configure, usage
+from configurator import UserError, check, configure, usage
 from model import GPT, GPTConfig, count_params, flops_per_token, match_dense
 from report import flops_text
 from runtime import check_device, compile_model, device_name, keep_freed_memory, peak_flops, use_compile
@@ -55,10 +55,6 @@ KEYS = [k for k, v in list(globals().items()) if not k.startswith("_") and isins
 
 def check_knobs(cfg):
     """The valid range of every knob above, checked before any model is built or timed."""
-    def check(ok, message):
-        if not ok:
-            raise UserError(message)
-
     check_device(cfg.device)
     check(cfg.dtype in ("float32", "bfloat16"), f"dtype must be 'float32' or 'bfloat16', got {cfg.dtype!r}")
     check(cfg.compile.lower() in ("auto", "true", "false"), f"compile must be 'auto', 'true' or 'false', got "

@@ -28,6 +28,12 @@ def kind(default):
     return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
 
 
+def check(ok, message):
+    """UserError(message) unless ok: the scripts' knob checks read as a list of these."""
+    if not ok:
+        raise UserError(message)
+
+
 def coerce(key, value, default):
     """value converted to the type of default, or UserError naming the key."""
     if isinstance(default, str):

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 import torch
 
-from configurator import UserError, configure, usage
+from configurator import UserError, check, configure, usage
 from model import GPT, GPTConfig
 from prepare import encoding
 from runtime import check_device, load_checkpoint, load_weights, pick_device
@@ -37,10 +37,6 @@ KEYS = [k for k, v in list(globals().items()) if not k.startswith("_") and isins
 
 def check_knobs(cfg):
     """The valid range of every knob above, checked before the checkpoint is loaded (layer: once it is)."""
-    def check(ok, message):
-        if not ok:
-            raise UserError(message)
-
     check(cfg.out_dir != "", "out_dir must name the folder of a run")
     check(cfg.num_samples >= 1, f"num_samples must be at least 1, got {cfg.num_samples}")
     check(cfg.max_new_tokens >= 0, f"max_new_tokens must be >= 0, got {cfg.max_new_tokens}")

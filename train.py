@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from configurator import UserError, overrides, usage
+from configurator import UserError, check, overrides, usage
 from model import GPT, GPTConfig, count_params, flops_per_token, match_dense, model_fields
 from prepare import CORPORA, PLAIN_NAME, encoding, load_spec
 from report import flops_text, param_table
@@ -105,10 +105,6 @@ def defaults():
 def check_knobs(cfg):
     """The valid range of every knob above, checked before anything is read or written (the model's knobs:
     GPTConfig.validate, when the model is built from them)."""
-    def check(ok, message):
-        if not ok:
-            raise UserError(message)
-
     for name in ("out_dir", "data_root"):
         check(getattr(cfg, name) != "", f"{name} must name a folder")
     check(re.fullmatch(PLAIN_NAME, cfg.dataset),

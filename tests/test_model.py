@@ -5,7 +5,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
 from torch.utils.flop_counter import FlopCounterMode
 
 import model

@@ -27,7 +27,8 @@ def read_run(run_dir):
     evals = [r for r in records if "val_loss" in r]
     train = [r for r in records if "ce" in r and "val_loss" not in r]
     last = [r["ce"] for r in train if r["iter"] > start["config"]["max_iters"] - 100]  # the last 100 steps
-    return {"start": start, "best": min(r["val_loss"] for r in evals), "curve": [(r["iter"], r["val_loss"]) for r in evals],
+    return {"start": start, "best": min(r["val_loss"] for r in evals),
+            "curve": [(r["iter"], r["val_loss"]) for r in evals],
             "train_ce": statistics.mean(last), "routing": evals[-1]["routing"],
             "minutes": (evals[-1]["time"] - start["time"]) / 60, "code": start["code"]}
 
@@ -91,7 +92,7 @@ def main(out):
               "training tokens available; tokens per parameter on the MoE's active count.", "",
               "| condition | model | total params | active params | best val loss | train CE (last 100) | "
               "val - train | passes | tokens / active param |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for label, folder, what in CONDITIONS:
+    for label, _, what in CONDITIONS:
         cfg = runs[(label, "moe", SEEDS[0])]["start"]["config"]
         seen = cfg["max_iters"] * cfg["batch_size"] * cfg["block_size"] * cfg["gradient_accumulation_steps"]
         available = tokens_in(os.path.join(data_root, cfg["dataset"]), "train")
@@ -163,9 +164,8 @@ def main(out):
     lines += ["## Routing at the end of training (max/mean expert load, over layers and seeds)", "",
               "| condition | moe: max/mean load (mean over layers; worst layer) |", "|---|---|"]
     for label, _, _ in CONDITIONS:
-        loads = [[layer["max_mean"] for layer in runs[(label, "moe", s)]["routing"]] for s in SEEDS]
-        lines.append(f"| {label} | {statistics.mean(x for l in loads for x in l):.2f}; "
-                     f"{max(x for l in loads for x in l):.2f} |")
+        loads = [layer["max_mean"] for s in SEEDS for layer in runs[(label, "moe", s)]["routing"]]
+        lines.append(f"| {label} | {statistics.mean(loads):.2f}; {max(loads):.2f} |")
     for n in names[2:]:
         loads = [layer["max_mean"] for s in SEEDS[:2] for layer in s3[(n, s)]["routing"]]
         lines.append(f"| {s3_label} {n} | {statistics.mean(loads):.2f}; {max(loads):.2f} |")
