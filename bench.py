@@ -1,8 +1,9 @@
 """
 Time training steps (forward + backward + AdamW) of MoE models against the dense model with the
-same active parameters, in one run, so that machine noise hits all models alike.
+same active parameters, in one run, each step of a model alternating with one of the dense model's,
+so that machine noise hits both alike.
 
-    python bench.py --quick                   # small shapes: 13 rows, 8 minutes on a busy 2-core CPU
+    python bench.py --quick                   # small shapes: 13 rows, 5 minutes on a 2-core CPU
     python bench.py                           # the shapes of config/moe_e4k2.py
     python bench.py --compile=true --dtype=bfloat16 --json_path=bench.json
     python bench.py --help                    # every knob, its default and what it does
@@ -12,13 +13,15 @@ E64k8 whose experts are 1/2 and 1/4 as wide, so K * expert_hidden and hence the 
 stay the same (up to the router). MoE models run with moe_impl=grouped and loop (the loop alone
 where the grouped GEMM cannot run: compiled, it takes bf16 only), each with the router's real
 routing and with forced-balanced routing (MoE.force_balance: every expert gets N*K/E slots, the
-best case of dispatch; "x best" is a row's time over its balanced twin's). Warm-up steps are
-excluded; repeats are interleaved across models; the median is reported, with its ratio to the
-dense-active model. FLOP/s counts model.flops_per_token (active parameters, output layer and
-attention); MFU where runtime.PEAK_BF16_FLOPS knows the GPU. Peak memory is the allocator's peak on
-CUDA; on CPU (Linux) the peak resident memory of a fresh process running two such steps, less its
-resident memory before the model. Nothing is written into the repository (the data cost's token
-file goes to a temporary folder), only --json_path if given.
+best case of dispatch; "x best" is a row's time over its balanced twin's). Each model runs in a
+process of its own (Worker), as in a training run; the dense-active model's process lasts the whole
+run, and each other model's timed steps alternate with as many of its steps: "x dense" is a model's
+median over the dense-active median of those same rounds. Warm-up steps are excluded. FLOP/s counts
+model.flops_per_token (active parameters, output layer and attention); MFU where
+runtime.PEAK_BF16_FLOPS knows the GPU. Peak memory is the allocator's peak on CUDA; on CPU (Linux)
+the peak resident memory of the model's process, less its resident memory before the model. Nothing
+is written into the repository (the data cost's token file goes to a temporary folder), only
+--json_path if given.
 """
 
 import json
@@ -46,8 +49,8 @@ quick = False  # small shapes (4 layers, 2048 tokens a step) for a quick CPU che
 device = "auto"  # "auto" (cuda, then cpu), "cpu", "cuda"...
 dtype = "float32"  # "float32" or "bfloat16" (autocast, as in training)
 compile = "auto"  # torch.compile the models (fullgraph), as train.py does: "auto" (on for CUDA), "true" or "false"
-repeats = 7  # timed steps per model, interleaved (at least 1)
-warmup = 2  # untimed steps per model first (compilation happens here; >= 0)
+repeats = 7  # timed steps per model, each alternating with one of the dense-active model's (at least 1)
+warmup = 5  # untimed steps per model first (compilation and, on CPU in bf16, oneDNN's kernels for new shapes; >= 0)
 json_path = ""  # also write the results to this JSON file, for tools: --json_path=bench.json
 # -----------------------------------------------------------------------------
 KEYS = [k for k, v in list(globals().items()) if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
@@ -130,34 +133,96 @@ def proc_status_bytes(field):
             return int(line.split()[1]) * 1024
 
 
-def cpu_peak_memory(args):
-    """In a fresh process: peak resident memory over some training steps, less the resident
-    memory before the model was built."""
-    cfg_dict, routing, compiled, batch_size, dtype_name, steps = args
-    keep_freed_memory()  # as train.py does on CPU
-    before = proc_status_bytes("VmRSS")
-    runner = Runner(GPTConfig(**cfg_dict), routing, compiled, batch_size, torch.device("cpu"),
-                    getattr(torch, dtype_name))
-    for _ in range(steps):
-        runner.step()
-    return proc_status_bytes("VmHWM") - before
+def serve(conn, cfg_dict, routing, compiled, batch_size, device_name, dtype_name):
+    """A Worker's process: build the Runner, then answer "step" (seconds of one training step) and "memory"
+    (peak bytes so far: the allocator's on CUDA; on CPU the peak resident memory less that before the model)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
+    device = torch.device(device_name)
+    if device.type == "cpu":
+        keep_freed_memory()  # as train.py does on CPU
+    linux = os.path.exists("/proc/self/status")
+    before = proc_status_bytes("VmRSS") if linux else 0
+    try:
+        runner = Runner(GPTConfig(**cfg_dict), routing, compiled, batch_size, device, getattr(torch, dtype_name))
+        conn.send(("ok", None))
+        while (command := conn.recv()) != "stop":
+            if command == "step":
+                conn.send(("ok", runner.step()))
+            elif device.type == "cuda":
+                conn.send(("ok", torch.cuda.max_memory_allocated(device)))
+            else:  # CPU memory is read from Linux's /proc
+                conn.send(("ok", proc_status_bytes("VmHWM") - before if linux else float("nan")))
+    except Exception as e:  # the main process reports it
+        conn.send(("error", f"{type(e).__name__}: {e}"))
 
 
-def peak_memory(cfg, routing, compiled, batch_size, device, dtype):
-    """Peak memory of two training steps of the model cfg, in bytes."""
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        runner = Runner(cfg, routing, compiled, batch_size, device, dtype)
-        for _ in range(2):
-            runner.step()
-        return torch.cuda.max_memory_allocated()
-    if not os.path.exists("/proc/self/status"):
-        return float("nan")  # CPU memory is read from Linux's /proc
-    # Ctrl-C is the main process's to handle: the worker ignores it
-    with multiprocessing.get_context("spawn").Pool(1, signal.signal, (signal.SIGINT, signal.SIG_IGN)) as pool:
-        return pool.apply(cpu_peak_memory, ((asdict(cfg), routing, compiled, batch_size, str(dtype).split(".")[1],
-                                             2),))
+class Worker:
+    """A model timed in a process of its own. A process holds caches that every model in it shares: on CPU,
+    oneDNN's compiled matmul kernels (the last ~1024 shapes; see model.group_rows_multiple), which a model with
+    other shapes would evict; dynamo's; the allocator's. One model per process, as in a training run."""
+
+    def __init__(self, label, cfg, routing, compiled, batch_size, device, dtype):
+        context = multiprocessing.get_context("spawn")
+        self.label, (self.conn, child) = label, context.Pipe()
+        self.process = context.Process(target=serve, daemon=True, args=(
+            child, asdict(cfg), routing, compiled, batch_size, str(device), str(dtype).split(".")[1]))
+        self.process.start()
+        child.close()
+        self.answer()  # the model is built
+
+    def answer(self):
+        try:
+            status, value = self.conn.recv()
+        except EOFError:  # the process died (killed for memory, for one)
+            status, value = "error", f"its process ended with status {self.process.join() or self.process.exitcode}"
+        if status == "error":
+            raise UserError(f"{self.label} failed: {value}")
+        return value
+
+    def step(self):
+        self.conn.send("step")
+        return self.answer()
+
+    def peak_memory(self):
+        self.conn.send("memory")
+        return self.answer()
+
+    def warm_up(self, steps):
+        t = time.perf_counter()
+        for _ in range(steps):
+            self.step()
+        print(f"warm-up of {self.label}: {steps} steps in {time.perf_counter() - t:.1f}s")
+
+    def close(self):
+        self.conn.send("stop")
+        self.process.join()
+
+
+def time_models(workers, warmup, repeats):
+    """Time every model of `workers` (label and a function that starts its Worker): the first, the dense-active
+    model, runs in a process that lasts throughout; each other model's `repeats` steps alternate with as many of
+    the dense-active model's, so that the machine's slow and fast moments hit a model and its reference alike.
+    Returns per model: its step seconds, the dense-active's in the same rounds, and its peak memory in bytes."""
+    dense = workers[0]()
+    dense.warm_up(warmup)
+    results, dense_times = [], []
+    try:
+        for start in workers[1:]:
+            worker = start()
+            try:
+                worker.warm_up(warmup)
+                times = [(dense.step(), worker.step()) for _ in range(repeats)]
+                results.append(([t for _, t in times], [t for t, _ in times], worker.peak_memory()))
+            finally:
+                worker.close()
+            dense_times += results[-1][1]
+            model_ms, dense_ms = (statistics.median(ts) * 1000 for ts in results[-1][:2])
+            print(f"{worker.label}: {model_ms:.0f} ms a step, dense-active {dense_ms:.0f} ms in the same rounds")
+        if len(workers) == 1:
+            dense_times = [dense.step() for _ in range(repeats)]
+        return [(dense_times, dense_times, dense.peak_memory()), *results]
+    finally:
+        dense.close()
 
 
 def data_cost(batch_size, block_size, device):
@@ -178,23 +243,6 @@ def data_cost(batch_size, block_size, device):
         return statistics.median(times)
 
 
-def time_steps(runners, labels, warmup, repeats):
-    """Per runner, the seconds of `repeats` training steps after `warmup` untimed ones. Interleaved: each
-    round times every model once, so that the machine's slow and fast moments hit all models alike."""
-    for runner, label in zip(runners, labels):
-        t = time.perf_counter()
-        for _ in range(warmup):
-            runner.step()
-        print(f"warm-up of {label}: {warmup} steps in {time.perf_counter() - t:.1f}s")
-    times = [[] for _ in runners]
-    for i in range(repeats):
-        for runner, runner_times in zip(runners, times):
-            runner_times.append(runner.step())
-        print(f"timed round {i + 1} of {repeats}: " + ", ".join(f"{label} {runner_times[-1] * 1000:.0f}ms"
-                                                               for label, runner_times in zip(labels, times)))
-    return times
-
-
 def run(cfg):
     """Time every model of bench_models; print the table and return its rows."""
     check_knobs(cfg)
@@ -202,8 +250,6 @@ def run(cfg):
                           "cpu" if cfg.device == "auto" else cfg.device)
     dtype = getattr(torch, cfg.dtype)
     compiled = use_compile(cfg.compile, device)
-    if device.type == "cpu":
-        keep_freed_memory()  # as train.py does on CPU
     moe, batch_size = shapes(cfg.quick)
     impls = dispatch_paths(dtype, compiled)
     models = bench_models(moe, impls)
@@ -216,32 +262,27 @@ def run(cfg):
     if "grouped" not in impls:
         how = "compiled" if compiled else "eagerly"
         print(f"grouped dispatch not timed: torch's grouped GEMM does not run {how} in {cfg.dtype} on {device.type}")
-    if compiled:
-        # every compiled model adds an entry for GPT.forward's code to dynamo's cache, which keeps recompile_limit
-        # of them (8): past it, a model would fail under fullgraph. One per model, twice over for CUDA's memory runs
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * len(models))
     labels = [f"{name} {model_cfg.moe_impl} {routing}" if model_cfg.n_experts else name
               for name, model_cfg, routing in models]
-    runners = [Runner(model_cfg, routing, compiled, batch_size, device, dtype) for _, model_cfg, routing in models]
-    times = time_steps(runners, labels, cfg.warmup, cfg.repeats)
-    del runners
+    workers = [lambda label=label, model_cfg=model_cfg, routing=routing:
+               Worker(label, model_cfg, routing, compiled, batch_size, device, dtype)
+               for label, (_, model_cfg, routing) in zip(labels, models)]
     results = []
-    for (name, model_cfg, routing), label, model_times in zip(models, labels, times):
-        print(f"peak memory of {label}...")
-        seconds = statistics.median(model_times)
+    for (name, model_cfg, routing), (times, dense_times, memory) in zip(models, time_models(workers, cfg.warmup,
+                                                                                          cfg.repeats)):
+        seconds = statistics.median(times)
         tokens_per_s = batch_size * model_cfg.block_size / seconds
         results.append({
             "model": name, "moe_impl": model_cfg.moe_impl if model_cfg.n_experts else "-", "routing": routing,
             "compile": compiled, "dtype": cfg.dtype, "ms_per_step": seconds * 1000, "tokens_per_s": tokens_per_s,
             "flops_per_s": flops_per_token(model_cfg) * tokens_per_s,
-            "active_params": count_params(model_cfg)["active"],
-            "peak_memory_mb": peak_memory(model_cfg, routing, compiled, batch_size, device, dtype) / 2**20,
+            "active_params": count_params(model_cfg)["active"], "peak_memory_mb": memory / 2**20,
+            "ratio_to_dense": seconds / statistics.median(dense_times),  # against the rounds it alternated with
         })
         if peak:
             results[-1]["mfu"] = results[-1]["flops_per_s"] / peak
     balanced = {(r["model"], r["moe_impl"]): r["ms_per_step"] for r in results if r["routing"] == "balanced"}
     for row in results:
-        row["ratio_to_dense"] = row["ms_per_step"] / results[0]["ms_per_step"]  # results[0]: dense-active
         row["memory_ratio_to_dense"] = row["peak_memory_mb"] / results[0]["peak_memory_mb"]
         if (row["model"], row["moe_impl"]) in balanced:  # how far from the best case of its dispatch
             row["ratio_to_balanced"] = row["ms_per_step"] / balanced[(row["model"], row["moe_impl"])]

@@ -236,6 +236,33 @@ def slots_per_expert(experts, n_experts):
     return torch.zeros(n_experts, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
 
 
+def group_rows_multiple(device_type, dtype):
+    """The multiple of rows each expert's group is padded to (pad_groups) before the grouped GEMM. On CPU in
+    bf16, torch 2.13 runs each expert's matmul through oneDNN, which compiles a kernel for every new shape
+    and keeps the last ~1024: a group size the router has not produced before costs ~0.5 ms of compiling
+    (against ~0.04 ms for the matmul), and real routing produces new sizes every step. Rounded to 32 rows,
+    the sizes repeat. fp32 on CPU (MKL) and CUDA have no per-shape cost: no padding."""
+    return 32 if device_type == "cpu" and dtype == torch.bfloat16 else 1
+
+
+def pad_groups(token, gate, expert, load, multiple):
+    """Pad each expert's group of sorted slots to a multiple of `multiple` rows. token, gate, expert (N*K,):
+    each sorted slot's token, routing weight and expert; load (E,) slots per expert. A padding slot reads
+    token 0 with weight 0: it adds nothing to the output and passes no gradient. Returns the padded token,
+    gate and load."""
+    padded = (load + multiple - 1) // multiple * multiple  # (E,)
+    if torch.compiler.is_compiling():  # a fixed length that fits any routing, so that shapes stay static:
+        rows = multiple * (-(-token.shape[0] // multiple) + load.shape[0] - 1)  # >= padded.sum()
+        padded = torch.cat([padded[:-1], rows - padded[:-1].sum(0, keepdim=True)])  # spare rows join the last group
+    else:
+        rows = int(padded.sum())
+    shift = (padded.cumsum(0) - padded) - (load.cumsum(0) - load)  # (E,) how far each group moves down
+    row = torch.arange(token.shape[0], device=token.device) + shift[expert]  # (N*K,) each slot's padded row
+    token = torch.zeros(rows, dtype=token.dtype, device=token.device).index_copy(0, row, token)
+    gate = gate.new_zeros(rows).index_copy(0, row, gate)
+    return token, gate, padded
+
+
 class Experts(nn.Module):
     """The routed experts: SwiGLU MLPs whose weights are stacked (E, ...) so that one grouped
     GEMM runs them all. Heterogeneous experts are stored one stack per group of equal size."""
@@ -389,10 +416,15 @@ class MoE(nn.Module):
         Shapes stay (N*K, ...) whatever the routing, so torch.compile traces it once."""
         K = experts.shape[1]
         order = experts.flatten().argsort(stable=True)  # (N*K,) slot ids grouped by expert
-        token = order // K  # (N*K,) the token each sorted slot belongs to
-        xs = x.index_select(0, token).to(compute_dtype(x))  # (N*K, C); grouped_mm is not autocast-aware
-        ys = self.experts.grouped(xs, load, weights.flatten()[order])  # (N*K, C) weighted
-        return torch.zeros_like(x).index_add_(0, token, ys.to(x.dtype))  # (N, C) sum over each token's K slots
+        token, gate = order // K, weights.flatten()[order]  # (N*K,) each sorted slot's token and routing weight
+        multiple = group_rows_multiple(x.device.type, compute_dtype(x))
+        if multiple > 1:
+            token, gate, load = pad_groups(token, gate, experts.flatten()[order], load, multiple)
+        # grouped_mm is not autocast-aware: cast x to the compute dtype before the gather, on N rows, not N*K
+        xc = x.to(compute_dtype(x))  # (N, C)
+        ys = self.experts.grouped(xc.index_select(0, token), load, gate)  # (N*K, C) weighted
+        # (N, C) each token's K slots summed, in the compute dtype as torchtitan does (bf16 under autocast)
+        return torch.zeros_like(xc).index_add_(0, token, ys).to(x.dtype)
 
     def dispatch_loop(self, x, weights, experts):
         """Reference path: one expert at a time over the tokens that chose it."""

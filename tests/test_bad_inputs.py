@@ -557,7 +557,6 @@ def test_bench(args, names, setup, tmp_path, monkeypatch, capsys):
     tiny = GPTConfig(vocab_size=64, block_size=8, n_layer=1, n_head=2, n_embd=16, n_experts=4, top_k=2,
                      expert_hidden=32)
     monkeypatch.setattr(bench, "shapes", lambda quick: (tiny, 1))
-    monkeypatch.setattr(bench, "peak_memory", lambda *args: 1.0)
     monkeypatch.setattr(bench, "data_cost", lambda *args: 1e-6)
     argv = ["--device=cpu", "--compile=false", "--repeats=1", "--warmup=0", *fill(args, tmp=tmp_path)]
     status, line, output = outcome(bench.main, argv, capsys)
@@ -708,7 +707,7 @@ def test_second_signal_does_not_claim_a_checkpoint_that_does_not_exist(data_root
 @pytest.mark.parametrize("script, patch", [
     ("train", lambda monkeypatch: monkeypatch.setattr(train, "load_data", interrupt)),
     ("sample", lambda monkeypatch: monkeypatch.setattr(sample.GPT, "generate", interrupt)),
-    ("bench", lambda monkeypatch: monkeypatch.setattr(bench, "Runner", interrupt)),
+    ("bench", lambda monkeypatch: monkeypatch.setattr(bench, "Worker", interrupt)),
 ])
 def test_ctrl_c_in_process_is_quiet(script, patch, data_root, trained, tmp_path, monkeypatch, capsys):
     patch(monkeypatch)

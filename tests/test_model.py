@@ -323,6 +323,52 @@ def test_grouped_bf16_close_to_fp32():
     torch.testing.assert_close(y16.float(), y32, rtol=0.05, atol=0.02)
 
 
+@pytest.mark.parametrize("name", [n for n in VARIANTS if n.startswith("moe")])
+def test_padded_groups_change_nothing(name, monkeypatch):
+    """Groups padded to a multiple of rows (CPU bf16 does it, for oneDNN's kernel cache; see
+    group_rows_multiple) give the unpadded outputs and gradients, eagerly (exact length) and as compiled
+    (a fixed length: the spare rows join the last group)."""
+    cfg = toy(**VARIANTS[name])
+    x = torch.randn(3, 7, cfg.n_embd)
+    y1, gx1, g1 = run_moe(cfg, x, "grouped")
+    for compiling in (False, True):
+        monkeypatch.setattr(model.torch.compiler, "is_compiling", lambda compiling=compiling: compiling)
+        monkeypatch.setattr(model, "group_rows_multiple", lambda device_type, dtype: 8)
+        y2, gx2, g2 = run_moe(cfg, x, "grouped")
+        torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(gx1, gx2, rtol=1e-5, atol=1e-6)
+        for n in g1:
+            torch.testing.assert_close(g1[n], g2[n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_pad_groups_layout():
+    """Every group starts on a multiple of rows and holds its own slots in order; padding slots read token 0
+    with weight 0; compiled, the length is fixed and the last group takes the spare rows."""
+    experts = torch.tensor([2, 0, 2, 2, 1, 0, 2, 3, 3, 2])  # one slot per token (K = 1)
+    order = experts.argsort(stable=True)
+    load = torch.bincount(experts, minlength=5)  # expert 4 gets nothing
+    gate = torch.arange(1, 11, dtype=torch.float32)[order]
+    token, padded_gate, padded = model.pad_groups(order, gate, experts[order], load, 4)
+    assert padded.tolist() == [4, 4, 8, 4, 0] and token.shape == (20,)
+    starts = [0, 4, 8, 16, 20]
+    for e in range(5):
+        rows = slice(starts[e], starts[e] + int(load[e]))
+        assert token[rows].tolist() == torch.where(experts == e)[0].tolist()
+        assert padded_gate[rows].tolist() == (torch.where(experts == e)[0] + 1.0).tolist()
+        assert padded_gate[starts[e] + int(load[e]):starts[e] + int(padded[e])].eq(0).all()
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(model.torch.compiler, "is_compiling", lambda: True)
+        token, padded_gate, padded = model.pad_groups(order, gate, experts[order], load, 4)
+    assert token.shape == (4 * (3 + 5 - 1),) and padded.tolist() == [4, 4, 8, 4, 8] and padded.sum() == 28
+
+
+def test_group_rows_multiple():
+    """Only CPU bf16 pads: oneDNN compiles a kernel per matmul shape there; MKL's fp32 and CUDA do not."""
+    assert model.group_rows_multiple("cpu", torch.bfloat16) == 32
+    assert model.group_rows_multiple("cpu", torch.float32) == 1
+    assert model.group_rows_multiple("cuda", torch.bfloat16) == 1
+
+
 def test_router_losses():
     """The Switch loss and z-loss against the formulas written out from the router's own logits."""
     torch.manual_seed(0)
