@@ -102,8 +102,12 @@ def check_device(name):
 
 
 def native_bf16(device):
-    """Whether device computes in bf16 natively: CUDA GPUs from Ampere (SM 8.0) on. Without the argument,
-    torch.cuda.is_bf16_supported() also says yes where bf16 is only emulated, slowly (V100, T4)."""
+    """Whether device computes in bf16 natively: CUDA GPUs from Ampere (SM 8.0) on (without the argument,
+    torch.cuda.is_bf16_supported() also says yes where bf16 is only emulated, slowly: V100, T4), and x86
+    CPUs with AVX-512 BF16 or AMX, where oneDNN's bf16 matmuls run (elsewhere bf16 on a CPU is slower
+    than fp32)."""
+    if device.type == "cpu":
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     return device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
 
 

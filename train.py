@@ -89,7 +89,7 @@ min_lr = 1e-4  # the learning rate at the end of the decay
 max_bad_steps = 5  # stop after this many steps in a row with a non-finite loss or gradient
 # system
 device = "auto"  # "auto" (cuda, then mps, then cpu) or a torch device like "cpu", "cuda:1"
-dtype = "auto"  # "auto" (bfloat16 autocast on GPUs with native bf16, else float32), "float32", "bfloat16"
+dtype = "auto"  # "float32", "bfloat16" or "auto": bf16 on GPUs from Ampere on, CPUs with AVX-512 BF16 or AMX
 compile = "auto"  # torch.compile the model: "auto" (on for CUDA), "true" or "false"
 seed = 1337  # model init and data order, from 0 to 2**63 - 1 (torch takes 64 bits; each process adds its rank)
 # -----------------------------------------------------------------------------
