@@ -3,7 +3,7 @@ Time training steps (forward + backward + AdamW) of MoE models against the dense
 same active parameters, in one run, each step of a model alternating with one of the dense model's,
 so that machine noise hits both alike.
 
-    python bench.py --quick                   # small shapes: 13 rows, 5 minutes on a 2-core CPU
+    python bench.py --quick                   # small shapes: 13 rows, 3 minutes on a 2-core CPU
     python bench.py                           # the shapes of config/moe_e4k2.py
     python bench.py --compile=true --dtype=bfloat16 --json_path=bench.json
     python bench.py --help                    # every knob, its default and what it does
@@ -50,7 +50,7 @@ device = "auto"  # "auto" (cuda, then cpu), "cpu", "cuda"...
 dtype = "float32"  # "float32" or "bfloat16" (autocast, as in training)
 compile = "auto"  # torch.compile the models (fullgraph), as train.py does: "auto" (on for CUDA), "true" or "false"
 repeats = 7  # timed steps per model, each alternating with one of the dense-active model's (at least 1)
-warmup = 5  # untimed steps per model first (compilation and, on CPU in bf16, oneDNN's kernels for new shapes; >= 0)
+warmup = 10  # untimed steps per model first: compilation; on CPU in bf16 oneDNN compiles kernels for new shapes (>= 0)
 json_path = ""  # also write the results to this JSON file, for tools: --json_path=bench.json
 # -----------------------------------------------------------------------------
 KEYS = [k for k, v in list(globals().items()) if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
