@@ -234,12 +234,16 @@ def replace_impl(cfg, impl):
 def test_grouped_dispatch_equals_loop(name):
     cfg = toy(**VARIANTS[name])
     x = torch.randn(3, 7, cfg.n_embd)
-    y1, gx1, g1 = run_moe(cfg, x, "grouped")
-    y2, gx2, g2 = run_moe(cfg, x, "loop")
-    torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(gx1, gx2, rtol=1e-5, atol=1e-5)
+    assert_same_moe(run_moe(cfg, x, "grouped"), run_moe(cfg, x, "loop"), atol=1e-5)
+
+
+def assert_same_moe(a, b, atol):
+    """run_moe's outputs, input gradients and parameter gradients agree."""
+    (y1, gx1, g1), (y2, gx2, g2) = a, b
+    torch.testing.assert_close(y1, y2, rtol=1e-5, atol=atol)
+    torch.testing.assert_close(gx1, gx2, rtol=1e-5, atol=atol)
     for n in g1:
-        torch.testing.assert_close(g1[n], g2[n], rtol=1e-5, atol=1e-5, msg=n)
+        torch.testing.assert_close(g1[n], g2[n], rtol=1e-5, atol=atol, msg=n)
 
 
 def test_grouped_dispatch_equals_per_token_reference():
@@ -330,15 +334,11 @@ def test_padded_groups_change_nothing(name, monkeypatch):
     (a fixed length: the spare rows join the last group)."""
     cfg = toy(**VARIANTS[name])
     x = torch.randn(3, 7, cfg.n_embd)
-    y1, gx1, g1 = run_moe(cfg, x, "grouped")
+    unpadded = run_moe(cfg, x, "grouped")
     for compiling in (False, True):
         monkeypatch.setattr(model.torch.compiler, "is_compiling", lambda compiling=compiling: compiling)
         monkeypatch.setattr(model, "group_rows_multiple", lambda device_type, dtype: 8)
-        y2, gx2, g2 = run_moe(cfg, x, "grouped")
-        torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(gx1, gx2, rtol=1e-5, atol=1e-6)
-        for n in g1:
-            torch.testing.assert_close(g1[n], g2[n], rtol=1e-5, atol=1e-6, msg=n)
+        assert_same_moe(unpadded, run_moe(cfg, x, "grouped"), atol=1e-6)
 
 
 def test_pad_groups_layout():
