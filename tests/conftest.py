@@ -36,8 +36,9 @@ def corpus_text(n_chars=300_000):
     if os.path.exists(SHAKESPEARE):
         return open(SHAKESPEARE, encoding="utf-8").read()[:n_chars]
     import random
-    rng = random.Random(0)
-    words = "the a king queen lord lady sword crown night day love death speak hear thou thee my".split()
+    rng = random.Random(0)  # 2,000 made-up words of 1 to 4 syllables: enough pairs for a 512-token BPE
+    syllables = [a + b for a in "bcdfghklmnprstvw" for b in "aeiou"]
+    words = ["".join(rng.choice(syllables) for _ in range(rng.randint(1, 4))) for _ in range(2000)]
     return "\n".join(" ".join(rng.choice(words) for _ in range(12)) for _ in range(n_chars // 60))
 
 
