@@ -413,15 +413,17 @@ class MoE(nn.Module):
 
     def dispatch_grouped(self, x, weights, experts, load):
         """Sort the N*K slots by expert, run every expert in one grouped GEMM, scatter-add back.
-        Shapes stay (N*K, ...) whatever the routing, so torch.compile traces it once."""
-        K = experts.shape[1]
-        order = experts.flatten().argsort(stable=True)  # (N*K,) slot ids grouped by expert
+        Shapes stay (N*K, ...) whatever the routing (pad_groups, too, gives a fixed length when compiled),
+        so torch.compile traces it once."""
+        K, dtype = experts.shape[1], compute_dtype(x)
+        flat = experts.flatten()  # (N*K,) the expert of each slot
+        order = flat.argsort(stable=True)  # (N*K,) slot ids grouped by expert
         token, gate = order // K, weights.flatten()[order]  # (N*K,) each sorted slot's token and routing weight
-        multiple = group_rows_multiple(x.device.type, compute_dtype(x))
+        multiple = group_rows_multiple(x.device.type, dtype)
         if multiple > 1:
-            token, gate, load = pad_groups(token, gate, experts.flatten()[order], load, multiple)
+            token, gate, load = pad_groups(token, gate, flat[order], load, multiple)
         # grouped_mm is not autocast-aware: cast x to the compute dtype before the gather, on N rows, not N*K
-        xc = x.to(compute_dtype(x))  # (N, C)
+        xc = x.to(dtype)  # (N, C)
         ys = self.experts.grouped(xc.index_select(0, token), load, gate)  # (N*K, C) weighted
         # (N, C) each token's K slots summed, in the compute dtype as torchtitan does (bf16 under autocast)
         return torch.zeros_like(xc).index_add_(0, token, ys).to(x.dtype)
