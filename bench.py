@@ -3,7 +3,7 @@ Time training steps (forward + backward + AdamW) of MoE models against the dense
 same active parameters, in one run, each step of a model alternating with one of the dense model's,
 so that machine noise hits both alike.
 
-    python bench.py --quick                   # small shapes: 13 rows, 3 minutes on a 2-core CPU
+    python bench.py --quick                   # small shapes: 13 rows, 2 to 3 minutes on a 2-core CPU
     python bench.py                           # the shapes of config/moe_e4k2.py
     python bench.py --compile=true --dtype=bfloat16 --json_path=bench.json
     python bench.py --help                    # every knob, its default and what it does
