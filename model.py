@@ -237,7 +237,7 @@ def slots_per_expert(experts, n_experts):
 
 
 def group_rows_multiple(device_type, dtype):
-    """The multiple of rows each expert's group is padded to (pad_groups) before the grouped GEMM. On CPU in
+    """The multiple of rows each expert's group is padded to (pad_groups) before the expert GEMMs. On CPU in
     bf16, torch 2.13 runs each expert's matmul through oneDNN, which compiles a kernel for every new shape
     and keeps the last ~1024: a group size the router has not produced before costs ~0.5 ms of compiling
     (against ~0.04 ms for the matmul), and real routing produces new sizes every step. Rounded to 32 rows,
@@ -245,12 +245,32 @@ def group_rows_multiple(device_type, dtype):
     return 32 if device_type == "cpu" and dtype == torch.bfloat16 else 1
 
 
-def pad_groups(token, gate, expert, load, multiple):
-    """Pad each expert's group of sorted slots to a multiple of `multiple` rows. token, gate, expert (N*K,):
-    each sorted slot's token, routing weight and expert; load (E,) slots per expert. A padding slot reads
-    token 0 with weight 0: it adds nothing to the output and passes no gradient. Returns the padded token,
-    gate and load."""
+BATCH_CALL_ROWS = 128  # grouped_mm's cost per expert on CPU in bf16 beyond its rows' work, in rows (batch_experts)
+
+
+def batch_experts(device_type, dtype, load):
+    """Whether the experts run as one torch.bmm over groups all padded to the largest, rather than as one
+    grouped_mm over groups of their own sizes; load (E,) slots per expert. On CPU in bf16, grouped_mm runs a
+    small oneDNN matmul per expert, each with a fixed cost, while bmm runs E equal matmuls as fast as one
+    dense matmul of the same FLOPs. Measured, forward and both gradients of one expert weight at bench.py
+    --quick's balanced shapes, bmm vs grouped_mm: E64k8 4.2 vs 8.0 ms, E16k4 4.0 vs 5.0, E4k2 3.9 vs 4.3,
+    i.e. grouped_mm costs 228, 138 and 113 rows' work more per expert. So bmm while padding every group to the
+    largest adds fewer than BATCH_CALL_ROWS rows per expert. Eagerly only: compiled, shapes must not depend
+    on the routing."""
+    if device_type != "cpu" or dtype != torch.bfloat16 or torch.compiler.is_compiling():
+        return False
+    E = load.shape[0]
+    return bool(E * load.max() <= load.sum() + E * BATCH_CALL_ROWS)
+
+
+def pad_groups(token, gate, expert, load, multiple, equal=False):
+    """Pad each expert's group of sorted slots to a multiple of `multiple` rows, and with equal=True all to the
+    length of the largest. token, gate, expert (N*K,): each sorted slot's token, routing weight and expert;
+    load (E,) slots per expert. A padding slot reads token 0 with weight 0: it adds nothing to the output and
+    passes no gradient. Returns the padded token, gate and load."""
     padded = (load + multiple - 1) // multiple * multiple  # (E,)
+    if equal:
+        padded = padded.max().expand_as(padded)
     if torch.compiler.is_compiling():  # a fixed length that fits any routing, so that shapes stay static:
         rows = multiple * (-(-token.shape[0] // multiple) + load.shape[0] - 1)  # >= padded.sum()
         padded = torch.cat([padded[:-1], rows - padded[:-1].sum(0, keepdim=True)])  # spare rows join the last group
@@ -292,22 +312,27 @@ class Experts(nn.Module):
         w2 = torch.cat([F.pad(w, (0, 0, 0, H - w.shape[1])) for w in self.w2])
         return w1, w3, w2
 
-    def grouped(self, xs, load, gate):
+    def grouped(self, xs, load, gate, equal=False):
         """All experts on their slots at once: xs (N*K, C) sorted by expert, load (E,) slots per expert,
-        gate (N*K,) each slot's routing weight. Returns gate * expert(xs), (N*K, C)."""
+        gate (N*K,) each slot's routing weight. Returns gate * expert(xs), (N*K, C). With equal=True every
+        expert has the same number of slots, and the E matmuls of each weight are one torch.bmm."""
         w1, w3, w2 = self.stacked()
         if empty_groups_get_gradients(xs.device):
             # an expert with no slots must get a zero gradient: pass its weights through a where() (they
             # are unused anyway), whose backward puts exact zeros there whatever the kernel wrote, NaN too
             used = (load > 0)[:, None, None]  # (E, 1, 1)
             w1, w3, w2 = (torch.where(used, w, 0.0) for w in (w1, w3, w2))
-        offs = load.cumsum(0).to(torch.int32)  # (E,) where each expert's group ends
         w1, w3, w2 = (w.to(xs.dtype) for w in (w1, w3, w2))
-        h = F.silu(F.grouped_mm(xs, w1, offs=offs)) * F.grouped_mm(xs, w3, offs=offs)  # (N*K, H)
+        if equal:  # (E*R, C) as (E, R, C) @ (E, C, H)
+            mm = lambda a, w: torch.bmm(a.view(w.shape[0], -1, a.shape[1]), w).flatten(0, 1)
+        else:
+            offs = load.cumsum(0).to(torch.int32)  # (E,) where each expert's group ends
+            mm = lambda a, w: F.grouped_mm(a, w, offs=offs)
+        h = F.silu(mm(xs, w1)) * mm(xs, w3)  # (N*K, H)
         gate = gate[:, None].to(xs.dtype)
         if h.shape[1] < xs.shape[1]:  # gate * (h @ w2) = (gate * h) @ w2: scale the narrower tensor
-            return F.grouped_mm(h * gate, w2, offs=offs)  # (N*K, C)
-        return F.grouped_mm(h, w2, offs=offs) * gate
+            return mm(h * gate, w2)  # (N*K, C)
+        return mm(h, w2) * gate
 
 
 class MoE(nn.Module):
@@ -419,12 +444,12 @@ class MoE(nn.Module):
         flat = experts.flatten()  # (N*K,) the expert of each slot
         order = flat.argsort(stable=True)  # (N*K,) slot ids grouped by expert
         token, gate = order // K, weights.flatten()[order]  # (N*K,) each sorted slot's token and routing weight
-        multiple = group_rows_multiple(x.device.type, dtype)
-        if multiple > 1:
-            token, gate, load = pad_groups(token, gate, flat[order], load, multiple)
+        multiple, equal = group_rows_multiple(x.device.type, dtype), batch_experts(x.device.type, dtype, load)
+        if multiple > 1 or equal:
+            token, gate, load = pad_groups(token, gate, flat[order], load, multiple, equal)
         # grouped_mm is not autocast-aware: cast x to the compute dtype before the gather, on N rows, not N*K
         xc = x.to(dtype)  # (N, C)
-        ys = self.experts.grouped(xc.index_select(0, token), load, gate)  # (N*K, C) weighted
+        ys = self.experts.grouped(xc.index_select(0, token), load, gate, equal)  # (N*K, C) weighted
         # (N, C) each token's K slots summed, in the compute dtype as torchtitan does (bf16 under autocast)
         return torch.zeros_like(xc).index_add_(0, token, ys).to(x.dtype)
 

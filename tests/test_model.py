@@ -341,6 +341,23 @@ def test_padded_groups_change_nothing(name, monkeypatch):
         assert_same_moe(unpadded, run_moe(cfg, x, "grouped"), atol=1e-6)
 
 
+@pytest.mark.parametrize("name", [n for n in VARIANTS if n.startswith("moe")])
+@pytest.mark.parametrize("multiple", [1, 8])
+def test_batched_experts_change_nothing(name, multiple, monkeypatch):
+    """Every group padded to the largest and run as one torch.bmm (CPU bf16 does it where it pays; see
+    batch_experts) gives the outputs and gradients of grouped_mm on unpadded groups."""
+    cfg = toy(**VARIANTS[name])
+    x = torch.randn(3, 7, cfg.n_embd)
+    unpadded = run_moe(cfg, x, "grouped")
+    monkeypatch.setattr(model, "group_rows_multiple", lambda device_type, dtype: multiple)
+    monkeypatch.setattr(model, "batch_experts", lambda device_type, dtype, load: True)
+    bmm = []
+    monkeypatch.setattr(model.torch, "bmm", lambda a, b: bmm.append(a.shape) or torch.matmul(a, b))
+    assert_same_moe(unpadded, run_moe(cfg, x, "grouped"), atol=1e-6)
+    E = cfg.n_experts
+    assert bmm and all(shape[0] == E and shape[1] % multiple == 0 for shape in bmm)
+
+
 def test_pad_groups_layout():
     """Every group starts on a multiple of rows and holds its own slots in order; padding slots read token 0
     with weight 0; compiled, the length is fixed and the last group takes the spare rows."""
@@ -360,6 +377,29 @@ def test_pad_groups_layout():
         m.setattr(model.torch.compiler, "is_compiling", lambda: True)
         token, padded_gate, padded = model.pad_groups(order, gate, experts[order], load, 4)
     assert token.shape == (4 * (3 + 5 - 1),) and padded.tolist() == [4, 4, 8, 4, 8] and padded.sum() == 28
+    token, padded_gate, padded = model.pad_groups(order, gate, experts[order], load, 4, equal=True)
+    assert padded.tolist() == [8] * 5 and token.shape == (40,)
+    for e in range(5):  # each group at 8 * e, its own slots first, then padding
+        assert token[8 * e:8 * e + int(load[e])].tolist() == torch.where(experts == e)[0].tolist()
+        assert padded_gate[8 * e + int(load[e]):8 * e + 8].eq(0).all()
+
+
+def test_batch_experts():
+    """One bmm over equal groups on CPU in bf16, eagerly, while padding to the largest group adds fewer than
+    BATCH_CALL_ROWS rows per expert; grouped_mm otherwise, and on every other device or dtype."""
+    rows = model.BATCH_CALL_ROWS
+    even = torch.full((64,), 256)
+    skewed = even.clone()
+    skewed[0] += 2 * rows  # padding the other 63 to it would add 2 * rows each
+    assert model.batch_experts("cpu", torch.bfloat16, even)
+    assert model.batch_experts("cpu", torch.bfloat16, torch.tensor([256 + rows, 256 - rows]))
+    assert not model.batch_experts("cpu", torch.bfloat16, torch.tensor([257 + rows, 256 - rows]))
+    assert not model.batch_experts("cpu", torch.bfloat16, skewed)
+    assert not model.batch_experts("cpu", torch.float32, even)
+    assert not model.batch_experts("cuda", torch.bfloat16, even)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(model.torch.compiler, "is_compiling", lambda: True)
+        assert not model.batch_experts("cpu", torch.bfloat16, even)
 
 
 def test_group_rows_multiple():
