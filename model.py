@@ -245,22 +245,25 @@ def group_rows_multiple(device_type, dtype):
     return 32 if device_type == "cpu" and dtype == torch.bfloat16 else 1
 
 
-BATCH_CALL_ROWS = 128  # grouped_mm's cost per expert on CPU in bf16 beyond its rows' work, in rows (batch_experts)
+GROUP_CALL_MACS = 2**22  # what one expert's matmul call costs in grouped_mm on CPU in bf16 beyond its work, in
+# multiply-adds (~4M: ~10 us at the ~900 GFLOP/s of a large bf16 matmul here; see batch_experts)
 
 
-def batch_experts(device_type, dtype, load):
-    """Whether the experts run as one torch.bmm over groups all padded to the largest, rather than as one
-    grouped_mm over groups of their own sizes; load (E,) slots per expert. On CPU in bf16, grouped_mm runs a
-    small oneDNN matmul per expert, each with a fixed cost, while bmm runs E equal matmuls as fast as one
+def batch_experts(device_type, dtype, load, width):
+    """Whether the experts run as one torch.bmm over groups all padded to the largest, rather than one
+    grouped_mm over groups of their own sizes; load (E,) slots per expert, width = n_embd * expert hidden
+    size (the widest), the multiply-adds of one row of one expert matmul. On CPU in bf16 grouped_mm runs a
+    small oneDNN matmul per expert, each with a fixed cost; bmm runs the E equal matmuls as fast as one
     dense matmul of the same FLOPs. Measured, forward and both gradients of one expert weight at bench.py
-    --quick's balanced shapes, bmm vs grouped_mm: E64k8 4.2 vs 8.0 ms, E16k4 4.0 vs 5.0, E4k2 3.9 vs 4.3,
-    i.e. grouped_mm costs 228, 138 and 113 rows' work more per expert. So bmm while padding every group to the
-    largest adds fewer than BATCH_CALL_ROWS rows per expert. Eagerly only: compiled, shapes must not depend
-    on the routing."""
+    --quick's balanced shapes, bmm vs grouped_mm: E64k8 4.2 vs 8.0 ms, E16k4 4.0 vs 5.0, E4k2 3.9 vs 4.3.
+    With the router's routing, padding to the largest group costs rows of work: so bmm only while they
+    are fewer than GROUP_CALL_MACS / width per expert (128 rows at E64k8's shapes, 32 at E4k2's). A larger
+    allowance fitted to the balanced timings made E4k2 7% slower with real routing (it batched 94 of 100
+    layer-steps at up to 1.12x the rows). Eagerly only: compiled, shapes must not depend on the routing."""
     if device_type != "cpu" or dtype != torch.bfloat16 or torch.compiler.is_compiling():
         return False
     E = load.shape[0]
-    return bool(E * load.max() <= load.sum() + E * BATCH_CALL_ROWS)
+    return bool(E * load.max() <= load.sum() + E * GROUP_CALL_MACS // width)
 
 
 def pad_groups(token, gate, expert, load, multiple, equal=False):
@@ -444,7 +447,8 @@ class MoE(nn.Module):
         flat = experts.flatten()  # (N*K,) the expert of each slot
         order = flat.argsort(stable=True)  # (N*K,) slot ids grouped by expert
         token, gate = order // K, weights.flatten()[order]  # (N*K,) each sorted slot's token and routing weight
-        multiple, equal = group_rows_multiple(x.device.type, dtype), batch_experts(x.device.type, dtype, load)
+        multiple = group_rows_multiple(x.device.type, dtype)
+        equal = batch_experts(x.device.type, dtype, load, x.shape[1] * max(self.config.expert_sizes))
         if multiple > 1 or equal:
             token, gate, load = pad_groups(token, gate, flat[order], load, multiple, equal)
         # grouped_mm is not autocast-aware: cast x to the compute dtype before the gather, on N rows, not N*K

@@ -350,7 +350,7 @@ def test_batched_experts_change_nothing(name, multiple, monkeypatch):
     x = torch.randn(3, 7, cfg.n_embd)
     unpadded = run_moe(cfg, x, "grouped")
     monkeypatch.setattr(model, "group_rows_multiple", lambda device_type, dtype: multiple)
-    monkeypatch.setattr(model, "batch_experts", lambda device_type, dtype, load: True)
+    monkeypatch.setattr(model, "batch_experts", lambda *args: True)
     bmm = []
     monkeypatch.setattr(model.torch, "bmm", lambda a, b: bmm.append(a.shape) or torch.matmul(a, b))
     assert_same_moe(unpadded, run_moe(cfg, x, "grouped"), atol=1e-6)
@@ -385,21 +385,22 @@ def test_pad_groups_layout():
 
 
 def test_batch_experts():
-    """One bmm over equal groups on CPU in bf16, eagerly, while padding to the largest group adds fewer than
-    BATCH_CALL_ROWS rows per expert; grouped_mm otherwise, and on every other device or dtype."""
-    rows = model.BATCH_CALL_ROWS
+    """One bmm over equal groups on CPU in bf16, eagerly, while padding to the largest group adds fewer rows per
+    expert than GROUP_CALL_MACS / width (fewer for wider experts); grouped_mm otherwise, and on every other
+    device or dtype."""
+    width = 256 * 128  # E64k8 at bench.py --quick's shapes: 128 rows
+    rows = model.GROUP_CALL_MACS // width
+    assert rows == 128 and model.GROUP_CALL_MACS // (256 * 512) == 32
     even = torch.full((64,), 256)
-    skewed = even.clone()
-    skewed[0] += 2 * rows  # padding the other 63 to it would add 2 * rows each
-    assert model.batch_experts("cpu", torch.bfloat16, even)
-    assert model.batch_experts("cpu", torch.bfloat16, torch.tensor([256 + rows, 256 - rows]))
-    assert not model.batch_experts("cpu", torch.bfloat16, torch.tensor([257 + rows, 256 - rows]))
-    assert not model.batch_experts("cpu", torch.bfloat16, skewed)
-    assert not model.batch_experts("cpu", torch.float32, even)
-    assert not model.batch_experts("cuda", torch.bfloat16, even)
+    assert model.batch_experts("cpu", torch.bfloat16, even, width)
+    assert model.batch_experts("cpu", torch.bfloat16, torch.tensor([256 + rows, 256 - rows]), width)
+    assert not model.batch_experts("cpu", torch.bfloat16, torch.tensor([257 + rows, 256 - rows]), width)
+    assert not model.batch_experts("cpu", torch.bfloat16, torch.tensor([256 + rows, 256 - rows]), 4 * width)
+    assert not model.batch_experts("cpu", torch.float32, even, width)
+    assert not model.batch_experts("cuda", torch.bfloat16, even, width)
     with pytest.MonkeyPatch.context() as m:
         m.setattr(model.torch.compiler, "is_compiling", lambda: True)
-        assert not model.batch_experts("cpu", torch.bfloat16, even)
+        assert not model.batch_experts("cpu", torch.bfloat16, even, width)
 
 
 def test_group_rows_multiple():
