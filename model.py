@@ -257,9 +257,8 @@ def batch_experts(device_type, dtype, load, width):
     dense matmul of the same FLOPs. Measured, forward and both gradients of one expert weight at bench.py
     --quick's balanced shapes, bmm vs grouped_mm: E64k8 4.2 vs 8.0 ms, E16k4 4.0 vs 5.0, E4k2 3.9 vs 4.3.
     With the router's routing, padding to the largest group costs rows of work: so bmm only while they
-    are fewer than GROUP_CALL_MACS / width per expert (128 rows at E64k8's shapes, 32 at E4k2's). A larger
-    allowance fitted to the balanced timings made E4k2 7% slower with real routing (it batched 94 of 100
-    layer-steps at up to 1.12x the rows). Eagerly only: compiled, shapes must not depend on the routing."""
+    are fewer than GROUP_CALL_MACS / width per expert (128 rows at E64k8's shapes, 32 at E4k2's; more made
+    E4k2 slower: README, Performance). Eagerly only: compiled, shapes must not depend on the routing."""
     if device_type != "cpu" or dtype != torch.bfloat16 or torch.compiler.is_compiling():
         return False
     E = load.shape[0]
@@ -440,7 +439,7 @@ class MoE(nn.Module):
         return self.config.moe_impl == "grouped"
 
     def dispatch_grouped(self, x, weights, experts, load):
-        """Sort the N*K slots by expert, run every expert in one grouped GEMM, scatter-add back.
+        """Sort the N*K slots by expert, run every expert in one grouped GEMM (or one bmm), scatter-add back.
         Shapes stay (N*K, ...) whatever the routing (pad_groups, too, gives a fixed length when compiled),
         so torch.compile traces it once."""
         K, dtype = experts.shape[1], compute_dtype(x)

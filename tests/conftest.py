@@ -1,4 +1,5 @@
 import os
+import signal
 import subprocess
 import sys
 
@@ -10,6 +11,12 @@ TIKTOKEN_CACHE = os.path.join(SHARED, "tiktoken-cache")
 if os.path.isdir(TIKTOKEN_CACHE):
     os.environ.setdefault("TIKTOKEN_CACHE_DIR", TIKTOKEN_CACHE)
 sys.path.insert(0, ROOT)
+# Started in the background of a non-interactive shell (`pytest &`, nohup), pytest inherits SIGINT ignored, and so
+# would every script the tests start and then interrupt: those that leave Ctrl-C to Python (sample.py, bench.py,
+# prepare.py, experiment.py) would not stop. A handler, unlike "ignored", is not inherited: the scripts start with
+# SIGINT at its default, as from a terminal.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 needs_gpt2 = pytest.mark.skipif(not os.path.isdir(TIKTOKEN_CACHE),
                                 reason="GPT-2 BPE files not found at ../shared/tiktoken-cache (offline machine)")
