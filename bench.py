@@ -15,8 +15,8 @@ where the grouped GEMM cannot run: compiled, it takes bf16 only), each with the 
 routing and with forced-balanced routing (MoE.force_balance: every expert gets N*K/E slots, the
 best case of dispatch; "x best" is a row's time over its balanced twin's). Each model runs in a
 process of its own (Worker), as in a training run; the dense-active model's process lasts the whole
-run, and each other model's timed steps alternate with as many of its steps: "x dense" is a model's
-median over the dense-active median of those same rounds. Warm-up steps are excluded. FLOP/s counts
+run, and each other model's timed steps alternate with as many of its steps: "x dense" is the median,
+over those rounds, of a model's step over the dense-active step beside it. Warm-up steps are excluded. FLOP/s counts
 model.flops_per_token (active parameters, output layer and attention); MFU where
 runtime.PEAK_BF16_FLOPS knows the GPU. Peak memory is the allocator's peak on CUDA; on CPU (Linux)
 the peak resident memory of the model's process, less its resident memory before the model. Nothing
@@ -225,6 +225,12 @@ def time_models(workers, warmup, repeats):
         dense.close()
 
 
+def paired_ratio(times, dense_times):
+    """The median over rounds of a model's step time over the dense-active step it alternated with: a slow
+    moment of the machine slows both steps of a round, and cancels; the ratio of the two medians need not."""
+    return statistics.median(t / d for t, d in zip(times, dense_times, strict=True))
+
+
 def data_cost(batch_size, block_size, device):
     """Median seconds for get_batch to sample one batch from a memmapped token file (in a temporary folder)."""
     with tempfile.TemporaryDirectory() as folder:
@@ -277,7 +283,7 @@ def run(cfg):
             "compile": compiled, "dtype": cfg.dtype, "ms_per_step": seconds * 1000, "tokens_per_s": tokens_per_s,
             "flops_per_s": flops_per_token(model_cfg) * tokens_per_s,
             "active_params": count_params(model_cfg)["active"], "peak_memory_mb": memory / 2**20,
-            "ratio_to_dense": seconds / statistics.median(dense_times),  # against the rounds it alternated with
+            "ratio_to_dense": paired_ratio(times, dense_times),
         })
         if peak:
             results[-1]["mfu"] = results[-1]["flops_per_s"] / peak
