@@ -35,14 +35,18 @@ import time
 from dataclasses import asdict, replace
 from types import SimpleNamespace
 
-import numpy as np
-import torch
+try:  # Ctrl-C while the libraries load (torch takes a second or two): as quiet as at any other moment
+    import numpy as np
+    import torch
 
-from configurator import UserError, check, configure, usage
-from model import GPT, GPTConfig, count_params, flops_per_token, match_dense
-from report import flops_text
-from runtime import check_device, compile_model, device_name, keep_freed_memory, peak_flops, use_compile
-from train import get_batch  # what the data cost measures
+    from configurator import UserError, check, configure, usage
+    from model import GPT, GPTConfig, count_params, flops_per_token, match_dense
+    from report import flops_text
+    from runtime import check_device, compile_model, device_name, keep_freed_memory, peak_flops, use_compile
+    from train import get_batch  # what the data cost measures
+except KeyboardInterrupt:
+    print("interrupted", file=sys.stderr)
+    sys.exit(130)
 
 # -----------------------------------------------------------------------------
 quick = False  # small shapes (4 layers, 2048 tokens a step) for a quick CPU check

@@ -28,11 +28,15 @@ import time
 from dataclasses import dataclass, field, replace
 from types import SimpleNamespace
 
-import train
-from configurator import UserError, configure, usage
-from prepare import PLAIN_NAME
-from report import point_label, routing_history, write_expert_load, write_report
-from runtime import ROOT, duration, read_log
+try:  # Ctrl-C while the libraries load (torch takes a second or two): as quiet as at any other moment
+    import train
+    from configurator import UserError, configure, usage
+    from prepare import PLAIN_NAME
+    from report import point_label, routing_history, write_expert_load, write_report
+    from runtime import ROOT, duration, read_log
+except KeyboardInterrupt:
+    print("interrupted", file=sys.stderr)
+    sys.exit(130)
 
 # -----------------------------------------------------------------------------
 name = ""  # out/<name>/ holds the runs and the report; default: the config file's name (+ the sweep)

@@ -32,13 +32,17 @@ import sys
 import warnings
 from types import SimpleNamespace
 
-import torch
-import torch.nn.functional as F
+try:  # Ctrl-C while the libraries load (torch takes a second or two): as quiet as at any other moment
+    import torch
+    import torch.nn.functional as F
 
-from configurator import UserError, configure, usage
-from model import GPT, GPTConfig
-from prepare import encoding
-from runtime import load_checkpoint, load_weights
+    from configurator import UserError, configure, usage
+    from model import GPT, GPTConfig
+    from prepare import encoding
+    from runtime import load_checkpoint, load_weights
+except KeyboardInterrupt:
+    print("interrupted", file=sys.stderr)
+    sys.exit(130)
 
 INSTALL_HINT = "pip install transformers==5.24.0 safetensors==0.8.0"
 CHECK_TOLERANCE = 1e-3  # max |logits difference| (float32) above which the export is a bug, not rounding

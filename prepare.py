@@ -47,12 +47,16 @@ from collections import Counter
 from contextlib import contextmanager
 from multiprocessing import Pool
 
-import numpy as np
-import regex
-import tiktoken
-from tqdm import tqdm
+try:  # Ctrl-C while the libraries load (torch takes a second or two): as quiet as at any other moment
+    import numpy as np
+    import regex
+    import tiktoken
+    from tqdm import tqdm
 
-from configurator import UserError, configure, usage
+    from configurator import UserError, configure, usage
+except KeyboardInterrupt:
+    print("interrupted", file=sys.stderr)
+    sys.exit(130)
 
 EOT = "<|endoftext|>"
 TINYSTORIES_URL = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/"

@@ -12,12 +12,16 @@ import time
 from collections import Counter, defaultdict
 from types import SimpleNamespace
 
-import torch
+try:  # Ctrl-C while the libraries load (torch takes a second or two): as quiet as at any other moment
+    import torch
 
-from configurator import UserError, check, configure, usage
-from model import GPT, GPTConfig
-from prepare import encoding
-from runtime import check_device, load_checkpoint, load_weights, pick_device
+    from configurator import UserError, check, configure, usage
+    from model import GPT, GPTConfig
+    from prepare import encoding
+    from runtime import check_device, load_checkpoint, load_weights, pick_device
+except KeyboardInterrupt:
+    print("interrupted", file=sys.stderr)
+    sys.exit(130)
 
 # -----------------------------------------------------------------------------
 out_dir = "out"  # the run whose out_dir/ckpt.pt to load

@@ -24,38 +24,42 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 from types import SimpleNamespace
 
-import numpy as np
-import torch
-from tqdm import tqdm
+try:  # Ctrl-C while the libraries load (torch takes a second or two): as quiet as at any other moment
+    import numpy as np
+    import torch
+    from tqdm import tqdm
 
-from configurator import UserError, check, overrides, usage
-from model import GPT, GPTConfig, count_params, flops_per_token, match_dense, model_fields
-from prepare import CORPORA, PLAIN_NAME, encoding, load_spec
-from report import flops_text, param_table
-from runtime import (
-    StopFlag,
-    append_log,
-    check_device,
-    check_out_dir,
-    code_version,
-    compile_model,
-    device_name,
-    duration,
-    end_processes,
-    finite_state,
-    keep_freed_memory,
-    load_checkpoint,
-    load_weights,
-    out_dir_lock,
-    peak_flops,
-    print0,
-    setup_system,
-    truncate_log,
-    use_compile,
-    wrap_ddp,
-    write_checkpoint,
-    write_log,
-)
+    from configurator import UserError, check, overrides, usage
+    from model import GPT, GPTConfig, count_params, flops_per_token, match_dense, model_fields
+    from prepare import CORPORA, PLAIN_NAME, encoding, load_spec
+    from report import flops_text, param_table
+    from runtime import (
+        StopFlag,
+        append_log,
+        check_device,
+        check_out_dir,
+        code_version,
+        compile_model,
+        device_name,
+        duration,
+        end_processes,
+        finite_state,
+        keep_freed_memory,
+        load_checkpoint,
+        load_weights,
+        out_dir_lock,
+        peak_flops,
+        print0,
+        setup_system,
+        truncate_log,
+        use_compile,
+        wrap_ddp,
+        write_checkpoint,
+        write_log,
+    )
+except KeyboardInterrupt:
+    print("interrupted", file=sys.stderr)
+    sys.exit(130)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 GPT2_VOCAB = 50257  # tokens of GPT-2's tokenizer, prepare.py's default
