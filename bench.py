@@ -12,7 +12,7 @@ Models: dense-active (matched to E4k2's active parameters), E4k2, and the fine-g
 E64k8 whose experts are 1/2 and 1/4 as wide, so K * expert_hidden and hence the active parameters
 stay the same (up to the router). MoE models run with moe_impl=grouped and loop (the loop alone
 where the grouped GEMM cannot run: compiled, it takes bf16 only), each with the router's real
-routing and with forced-balanced routing (MoE.force_balance: every expert gets N*K/E slots, the
+routing and with forced-balanced routing (force_balance: every expert gets N*K/E slots, the
 best case of dispatch; "x best" is a row's time over its balanced twin's). Each model runs in a
 process of its own (Worker), as in a training run; the dense-active model's process lasts the whole
 run, and each other model's timed steps alternate with as many of its steps: "x dense" is the median,
@@ -39,7 +39,7 @@ try:  # Ctrl-C while the libraries load (torch takes a second or two): as quiet 
     import numpy as np
     import torch
 
-    from configurator import UserError, check, configure, usage
+    from configurator import UserError, check, check_choice, configure, usage
     from model import GPT, GPTConfig, count_params, flops_per_token, match_dense
     from report import flops_text
     from runtime import check_device, compile_model, device_name, keep_freed_memory, peak_flops, use_compile
@@ -63,9 +63,8 @@ KEYS = [k for k, v in list(globals().items()) if not k.startswith("_") and isins
 def check_knobs(cfg):
     """The valid range of every knob above, checked before any model is built or timed."""
     check_device(cfg.device)
-    check(cfg.dtype in ("float32", "bfloat16"), f"dtype must be 'float32' or 'bfloat16', got {cfg.dtype!r}")
-    check(cfg.compile.lower() in ("auto", "true", "false"), f"compile must be 'auto', 'true' or 'false', got "
-                                                            f"{cfg.compile!r}")
+    check_choice("dtype", cfg.dtype, ("float32", "bfloat16"))
+    check_choice("compile", cfg.compile.lower(), ("auto", "true", "false"))
     check(cfg.repeats >= 1, f"repeats must be at least 1, got {cfg.repeats}")
     check(cfg.warmup >= 0, f"warmup must be >= 0, got {cfg.warmup}")
     folder = os.path.dirname(os.path.abspath(cfg.json_path)) if cfg.json_path else ""
@@ -96,9 +95,27 @@ def bench_models(moe, impls):
 
 def dispatch_paths(dtype, compiled):
     """The MoE dispatch paths to time: grouped and loop, or the loop alone where torch's grouped GEMM cannot
-    run: compiled, it takes bf16 only (torch 2.13; see model.use_grouped_mm). The benched widths are all
+    run: compiled, it takes bf16 only (torch 2.13; see moe_kernels.use_grouped_mm). The benched widths are all
     multiples of 16 bytes, as it needs."""
     return ("grouped", "loop") if dtype == torch.bfloat16 or not compiled else ("loop",)
+
+
+def force_balance(moe):
+    """Make an MoE layer route slot s = n * K + k to expert s mod E, so every expert gets N*K/E slots and a
+    token's K slots go to K different experts: the best case of dispatch, as torchtitan, OLMo-core and
+    megablocks benchmark it. Here only, on the module, never a config knob: the tokens would go to experts
+    by position, whatever the router says (the weights stay the router's scores of those experts)."""
+    route = moe.route
+
+    def balanced(x):
+        logits, scores, _, _ = route(x)
+        N, K = x.shape[0], moe.config.top_k
+        experts = (torch.arange(N * K, device=x.device) % moe.config.n_experts).view(N, K)  # (N, K)
+        weights = scores.gather(-1, experts)  # (N, K)
+        if moe.config.norm_topk_prob:
+            weights = weights / weights.sum(-1, keepdim=True)
+        return logits, scores, weights, experts
+    moe.route = balanced
 
 
 class Runner:
@@ -107,8 +124,8 @@ class Runner:
     def __init__(self, cfg, routing, compiled, batch_size, device, dtype):
         torch.manual_seed(0)
         self.model = GPT(cfg).to(device)
-        for moe in self.model.moe_layers:
-            moe.force_balance = routing == "balanced"
+        for moe in self.model.moe_layers if routing == "balanced" else []:
+            force_balance(moe)
         self.forward = compile_model(self.model, fullgraph=True) if compiled else self.model
         self.optimizer = self.model.configure_optimizer(0.1, 1e-4, (0.9, 0.95), device.type)
         self.x, self.y = torch.randint(0, cfg.vocab_size, (2, batch_size, cfg.block_size), device=device)
@@ -162,7 +179,7 @@ def serve(conn, cfg_dict, routing, compiled, batch_size, device_name, dtype_name
 
 class Worker:
     """A model timed in a process of its own. A process holds caches that every model in it shares: on CPU,
-    oneDNN's compiled matmul kernels (the last ~1024 shapes; see model.group_rows_multiple), which a model with
+    oneDNN's compiled matmul kernels (the last ~1024 shapes; see moe_kernels.group_rows_multiple), which a model with
     other shapes would evict; dynamo's; the allocator's. One model per process, as in a training run."""
 
     def __init__(self, label, cfg, routing, compiled, batch_size, device, dtype):

@@ -34,6 +34,11 @@ def check(ok, message):
         raise UserError(message)
 
 
+def check_choice(name, value, allowed):
+    """UserError unless value is one of allowed: 'dtype must be one of auto, float32, bfloat16; got 'x''."""
+    check(value in allowed, f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+
+
 def coerce(key, value, default):
     """value converted to the type of default, or UserError naming the key."""
     if isinstance(default, str):

@@ -30,7 +30,7 @@ from types import SimpleNamespace
 
 try:  # Ctrl-C while the libraries load (torch takes a second or two): as quiet as at any other moment
     import train
-    from configurator import UserError, configure, usage
+    from configurator import UserError, check, check_choice, configure, usage
     from prepare import PLAIN_NAME
     from report import point_label, routing_history, write_expert_load, write_report
     from runtime import ROOT, duration, read_log
@@ -57,17 +57,15 @@ BASELINES = {"both": ["dense-active", "dense-total"], "active": ["dense-active"]
 def check_knobs(cfg, points):
     """The valid range of every knob above, and of train.py's knobs at every sweep point (the models
     themselves are checked by plan's caller), before any run starts."""
-    if cfg.match not in ("", *BASELINES):
-        raise UserError(f"match must be one of both, active, total, none; got {cfg.match!r}")
-    if cfg.seeds < 1 or cfg.jobs < 1:
-        raise UserError(f"seeds and jobs must be at least 1, got seeds={cfg.seeds}, jobs={cfg.jobs}")
-    if cfg.name and not re.fullmatch(PLAIN_NAME, cfg.name):  # out/<name> must stay in out/
-        raise UserError(f"name must be a plain folder name (letters, digits, '.', '_', '-'), got {cfg.name!r}")
+    check_choice("match", cfg.match or "both", BASELINES)
+    check(cfg.seeds >= 1, f"seeds must be at least 1, got {cfg.seeds}")
+    check(cfg.jobs >= 1, f"jobs must be at least 1, got {cfg.jobs}")
+    check(not cfg.name or re.fullmatch(PLAIN_NAME, cfg.name),  # out/<name> must stay in out/
+          f"name must be a plain folder name (letters, digits, '.', '_', '-'), got {cfg.name!r}")
     for point in points:  # match is the experiment's own knob here: plan gives each run train.py's
         train.check_knobs(SimpleNamespace(**{**vars(cfg), **point, "match": "none"}))
-    if cfg.seed + cfg.seeds > 2**63:
-        raise UserError(f"seed + seeds must not pass 2**63 (the seeds are seed .. seed + seeds - 1), got seed="
-                        f"{cfg.seed}, seeds={cfg.seeds}")
+    check(cfg.seed + cfg.seeds <= 2**63, f"seed + seeds must not pass 2**63 (the seeds are seed .. seed + seeds - 1), "
+                                         f"got seed={cfg.seed}, seeds={cfg.seeds}")
 
 
 @dataclass(frozen=True)

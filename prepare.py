@@ -53,7 +53,7 @@ try:  # Ctrl-C while the libraries load (torch takes a second or two): as quiet 
     import tiktoken
     from tqdm import tqdm
 
-    from configurator import UserError, configure, usage
+    from configurator import UserError, check, configure, usage
 except KeyboardInterrupt:
     print("interrupted", file=sys.stderr)
     sys.exit(130)
@@ -92,22 +92,21 @@ def defaults():
 
 def check_knobs(cfg):
     """The valid range of every knob, checked before anything is read, downloaded or written."""
-    if not cfg["input"] and cfg["corpus"] not in CORPORA:
-        raise UserError(f"--corpus must be one of {', '.join(CORPORA)} (or give --input=FILE), got {cfg['corpus']!r}")
-    if cfg["input"] and not [path for path in cfg["input"].split(",") if path.strip()]:
-        raise UserError("--input names no file: give one or more, comma-separated (--input=a.txt,b.txt)")
-    if cfg["vocab_size"] != 0 and not 257 <= cfg["vocab_size"] <= MAX_VOCAB:
-        raise UserError(f"--vocab_size must be 0 (GPT-2's tokenizer) or from 257 (256 bytes + end-of-text) to "
-                        f"{MAX_VOCAB:,}, got {cfg['vocab_size']}")
-    if not 0 < cfg["val_fraction"] < 1:
-        raise UserError(f"--val_fraction must be between 0 and 1 (the share held out), got {cfg['val_fraction']}")
-    if not 0 < cfg["slice_mb"] < float("inf"):
-        raise UserError(f"--slice_mb must be a positive number of MB, got {cfg['slice_mb']}")
-    if cfg["url"] and not cfg["url"].startswith(("http://", "https://")):
-        raise UserError(f"--url must start with http:// or https://, got {cfg['url']!r}")
-    if cfg["name"] and not re.fullmatch(PLAIN_NAME, cfg["name"]):  # so data_root/<name> cannot point elsewhere
-        raise UserError(f"--name must be a plain folder name (letters, digits, '.', '_', '-', starting with a "
-                        f"letter or digit), got {cfg['name']!r}")
+    check(cfg["input"] or cfg["corpus"] in CORPORA,
+          f"--corpus must be one of {', '.join(CORPORA)} (or give --input=FILE), got {cfg['corpus']!r}")
+    check(not cfg["input"] or [path for path in cfg["input"].split(",") if path.strip()],
+          "--input names no file: give one or more, comma-separated (--input=a.txt,b.txt)")
+    check(cfg["vocab_size"] == 0 or 257 <= cfg["vocab_size"] <= MAX_VOCAB,
+          f"--vocab_size must be 0 (GPT-2's tokenizer) or from 257 (256 bytes + end-of-text) to {MAX_VOCAB:,}, "
+          f"got {cfg['vocab_size']}")
+    check(0 < cfg["val_fraction"] < 1,
+          f"--val_fraction must be between 0 and 1 (the share held out), got {cfg['val_fraction']}")
+    check(0 < cfg["slice_mb"] < float("inf"), f"--slice_mb must be a positive number of MB, got {cfg['slice_mb']}")
+    check(not cfg["url"] or cfg["url"].startswith(("http://", "https://")),
+          f"--url must start with http:// or https://, got {cfg['url']!r}")
+    check(not cfg["name"] or re.fullmatch(PLAIN_NAME, cfg["name"]),  # so data_root/<name> cannot point elsewhere
+          f"--name must be a plain folder name (letters, digits, '.', '_', '-', starting with a letter or digit), "
+          f"got {cfg['name']!r}")
 
 
 # -----------------------------------------------------------------------------

@@ -360,7 +360,7 @@ def plot_sweep(plt, runs, points, models):
 
 def routing_history(log):
     """[(iteration, routing)] of a run's evaluations, routing being the per-layer summaries
-    (GPT.routing_summary) its metrics.jsonl records hold; [] for a dense run."""
+    (train.routing_summary) its metrics.jsonl records hold; [] for a dense run."""
     return [(r["iter"], r["routing"]) for r in log if r.get("routing")]
 
 

@@ -29,7 +29,7 @@ try:  # Ctrl-C while the libraries load (torch takes a second or two): as quiet 
     import torch
     from tqdm import tqdm
 
-    from configurator import UserError, check, overrides, usage
+    from configurator import UserError, check, check_choice, overrides, usage
     from model import GPT, GPTConfig, count_params, flops_per_token, match_dense, model_fields
     from prepare import CORPORA, PLAIN_NAME, encoding, load_spec
     from report import flops_text, param_table
@@ -113,12 +113,10 @@ def check_knobs(cfg):
         check(getattr(cfg, name) != "", f"{name} must name a folder")
     check(re.fullmatch(PLAIN_NAME, cfg.dataset),
           f"dataset must be the plain name of a folder in data_root (as prepare.py's --name), got {cfg.dataset!r}")
-    check_choice(cfg, "init_from", ("scratch", "resume"))
-    check_choice(cfg, "match", ("none", "active", "total"))
-    check(cfg.dtype in ("auto", "float32", "bfloat16"), f"dtype must be 'auto', 'float32' or 'bfloat16', got "
-                                                        f"{cfg.dtype!r}")
-    check(cfg.compile.lower() in ("auto", "true", "false"), f"compile must be 'auto', 'true' or 'false', got "
-                                                            f"{cfg.compile!r}")
+    check_choice("init_from", cfg.init_from, ("scratch", "resume"))
+    check_choice("match", cfg.match, ("none", "active", "total"))
+    check_choice("dtype", cfg.dtype, ("auto", "float32", "bfloat16"))
+    check_choice("compile", cfg.compile.lower(), ("auto", "true", "false"))
     for name in ("batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters", "log_interval",
                  "max_bad_steps"):
         check(getattr(cfg, name) >= 1, f"{name} must be at least 1, got {getattr(cfg, name)}")
@@ -140,11 +138,6 @@ def check_knobs(cfg):
     if cfg.lr_decay_iters > cfg.max_iters:
         print0(f"warning: lr_decay_iters ({cfg.lr_decay_iters}) > max_iters ({cfg.max_iters}): the run ends before "
                f"the learning rate has decayed to min_lr")
-
-
-def check_choice(cfg, name, allowed):
-    if getattr(cfg, name) not in allowed:
-        raise UserError(f"{name} must be one of {', '.join(allowed)}; got {getattr(cfg, name)!r}")
 
 
 # what a resumed run takes from its checkpoint and may not change: the model and its matching, the data order,
@@ -377,8 +370,30 @@ def evaluate(model, data, batch_size, block_size, eval_iters, device, autocast):
     return total / eval_iters, routing
 
 
+@torch.no_grad()
+def routing_summary(model, routing):
+    """Per MoE layer, the statistics logs show of `routing` (stats["routing"], summed over batches): each
+    expert's share of the slots, max/mean load, coefficient of variation, share of slots dropped,
+    router entropy per token, and with aux_free balancing the range of the bias."""
+    summary = []
+    for moe, counts in zip(model.moe_layers, routing):
+        slots = counts["load"].sum().clamp_min(1)
+        load = counts["load"] / slots  # (E,)
+        layer = {
+            "load": [round(v, 4) for v in load.tolist()],
+            "max_mean": (load.max() / load.mean()).item(),
+            "cv": (load.std(unbiased=False) / load.mean()).item(),
+            "dropped": (counts["dropped"] / slots).item(),
+            "entropy": (counts["entropy"] / max(counts["tokens"], 1)).item(),
+        }
+        if model.config.balance == "aux_free":
+            layer["bias_range"] = [moe.expert_bias.min().item(), moe.expert_bias.max().item()]
+        summary.append(layer)
+    return summary
+
+
 def routing_line(layer, summary):
-    """One console line of an MoE layer's routing (an entry of GPT.routing_summary)."""
+    """One console line of an MoE layer's routing (an entry of routing_summary)."""
     line = (f"  moe layer {layer}: load max/mean {summary['max_mean']:.2f}, cv {summary['cv']:.3f}, "
             f"entropy {summary['entropy']:.3f}, dropped {summary['dropped']:.2%}")
     if "bias_range" in summary:
@@ -439,18 +454,74 @@ def train(cfg, given=None):
 
 
 def run_training(cfg, given, stop):
-    """train(), out_dir held and signals caught."""
-    # --- setup: the model to train, data, processes, state ---
+    """train(), out_dir held and signals caught: set up, then the loop, read top to bottom as nanoGPT's:
+    evaluate and checkpoint -> one optimizer step -> log -> stop on a signal."""
+    run = setup(cfg, given, stop)
+    if run is None:  # a dry run
+        return None
+    progress, system = run.progress, run.system
+    bad_steps = 0  # in a row
+    stop.graceful = True  # from here a first signal lets the step finish and writes a checkpoint
+    bar = tqdm(total=cfg.max_iters, initial=progress.iter_num, disable=not (system.master and sys.stderr.isatty()),
+               dynamic_ncols=True)
+    clock = [time.time(), progress.iter_num]  # time and iteration of the last log line or evaluation
+    try:
+        while True:
+            # --- evaluate and checkpoint, every eval_interval steps and at the end ---
+            it = progress.iter_num
+            if (it % cfg.eval_interval == 0 or it == cfg.max_iters) and progress.evaluated_iter != it:
+                evaluate_and_checkpoint(run, cfg, stop)
+                clock = [time.time(), it]
+            if it >= cfg.max_iters:
+                break
+
+            # --- one optimizer step: lr, micro-steps, clip, step ---
+            lr, parts, stepped = optimizer_step(run, cfg, it)
+            if stepped:
+                bad_steps = 0
+            else:  # a non-finite loss or gradient: skip the step rather than poison the weights
+                bad_steps += 1
+                progress.skipped_steps += 1
+                print0(f"iter {it}: non-finite loss or gradient, step skipped ({bad_steps} in a row)")
+                if bad_steps >= cfg.max_bad_steps:
+                    raise UserError(diverged(f"{bad_steps} steps in a row had a non-finite loss or gradient, "
+                                             f"stopping", stop.checkpoint))
+            progress.iter_num = it = it + 1
+            bar.update(1)
+
+            # --- log ---
+            if it % cfg.log_interval == 0 or it == cfg.max_iters:
+                log_step(run, cfg, it, lr, parts, clock)
+                clock = [time.time(), it]
+
+            # --- stop cleanly on SIGINT / SIGTERM ---
+            if stop.anywhere(system):  # every process stops after the same step
+                check_finite(run, it, stop)
+                write_checkpoint(run.ckpt_path, run.about, run.raw_model, run.optimizer, progress, run.data_rng,
+                                 system)
+                raise Stopped(progress)
+    finally:
+        # --- finish ---
+        bar.close()
+        if system.world > 1:
+            del run.model  # DDP's reducer holds the process group
+            end_processes()
+    return progress
+
+
+def setup(cfg, given, stop):
+    """Everything the loop needs, as a namespace: the models (raw, compiled or DDP-wrapped, for evaluation),
+    optimizer, data and its sampler, Progress, the system, paths and per-step counts; None for a dry run,
+    once the parameter table is printed."""
     data_dir = os.path.join(cfg.data_root, cfg.dataset)
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     log_path = os.path.join(cfg.out_dir, "metrics.jsonl")
     state = load_checkpoint(ckpt_path) if cfg.init_from == "resume" else None
     # the checkpoint a run that stops now can be resumed from, as error lines name it
-    last_good = stop.checkpoint = f"{ckpt_path} (iteration {state['iter_num']})" if state is not None else "none"
+    stop.checkpoint = f"{ckpt_path} (iteration {state['iter_num']})" if state is not None else "none"
     if state is not None:
         resume_config(cfg, state, given, ckpt_path)
     configured, model_config, match, vocab_source = resolve_models(cfg, data_dir, state)
-    block_size = model_config.block_size  # T, the context length
     print0(param_table(models_involved(configured, match)))
     if configured.n_experts > 0:
         print0("active = what one token uses, the router and K of the E experts included; "
@@ -465,7 +536,7 @@ def run_training(cfg, given, stop):
              "tokenizer": load_spec(data_dir)}
 
     system = setup_system(cfg.device, cfg.dtype)
-    device, autocast, world = system.device, system.autocast, system.world
+    device, world = system.device, system.world
     if device.type == "cpu":
         keep_freed_memory()  # glibc: reuse freed heap blocks rather than page-fault every step's temporaries in
     accum = micro_steps(cfg.gradient_accumulation_steps, world)  # micro-steps of this process
@@ -496,110 +567,94 @@ def run_training(cfg, given, stop):
     eval_model = model  # evaluation needs no gradient synchronisation
     if world > 1:
         model = wrap_ddp(model, device)
+    block_size = model_config.block_size  # T, the context length
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * block_size
     precision = "bfloat16 autocast" if system.dtype == torch.bfloat16 else "float32"
     print0(f"tokens per iteration: {tokens_per_iter:,} = {cfg.gradient_accumulation_steps} micro-step(s) x "
            f"{cfg.batch_size} sequences x {block_size} tokens; device {device}, {precision}, {world} process(es)")
-    flops_per_iter = flops_per_token(model_config) * tokens_per_iter  # over all processes
     peak, peak_note = peak_flops(device_name(device), system.dtype)
     print0(f"training FLOPs per token: {flops_per_token(model_config):,.0f} (6 x the active parameters in matmuls, "
            f"output layer included, + attention over the full T x T; model.flops_per_token); {peak_note}")
+    return SimpleNamespace(raw_model=raw_model, model=model, eval_model=eval_model, optimizer=optimizer,
+                           train_data=train_data, val_data=val_data, data_rng=data_rng, progress=progress,
+                           system=system, about=about, ckpt_path=ckpt_path, log_path=log_path, accum=accum,
+                           block_size=block_size, tokens_per_iter=tokens_per_iter, peak=peak,
+                           flops_per_iter=flops_per_token(model_config) * tokens_per_iter)  # over all processes
 
-    bad_steps = 0  # in a row
-    stop.graceful = True  # from here a first signal lets the step finish and writes a checkpoint
-    bar = tqdm(total=cfg.max_iters, initial=progress.iter_num, disable=not (system.master and sys.stderr.isatty()),
-               dynamic_ncols=True)
-    t_last, it_last = time.time(), progress.iter_num
-    try:
-        while True:
-            # --- evaluate and checkpoint, every eval_interval steps and at the end ---
-            it = progress.iter_num
-            if (it % cfg.eval_interval == 0 or it == cfg.max_iters) and progress.evaluated_iter != it:
-                val_loss, routing = evaluate(eval_model, val_data, cfg.batch_size, block_size, cfg.eval_iters, device,
-                                             autocast)
-                if not math.isfinite(val_loss):  # not a new best, and no reason to checkpoint
-                    raise UserError(diverged(f"iteration {it}: validation loss is non-finite ({val_loss}), not "
-                                             f"checkpointed", last_good))
-                if not finite_state(raw_model, optimizer):
-                    raise UserError(diverged(f"iteration {it}: non-finite weights or optimizer state, not "
-                                             f"checkpointed", last_good))
-                routing = raw_model.routing_summary(routing)
-                progress.best_val_loss, progress.evaluated_iter = min(progress.best_val_loss, val_loss), it
-                print0(f"iter {it}: val loss {val_loss:.4f}, best {progress.best_val_loss:.4f}")
-                for layer, summary in enumerate(routing):
-                    print0(routing_line(layer, summary))
-                if system.master:
-                    append_log(log_path, {"iter": it, "tokens": it * tokens_per_iter, "val_loss": val_loss,
-                                          "best_val_loss": progress.best_val_loss, "routing": routing,
-                                          "time": time.time()})
-                write_checkpoint(ckpt_path, about, raw_model, optimizer, progress, data_rng, system)
-                last_good = stop.checkpoint = f"{ckpt_path} (iteration {it})"
-                t_last, it_last = time.time(), it
-            if it >= cfg.max_iters:
-                break
 
-            # --- one optimizer step: lr, micro-steps, clip, step ---
-            lr = get_lr(it, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            parts = dict.fromkeys(("loss", "ce", "aux", "z"), 0.0)  # averaged over micro-steps, for the log
-            routing = None  # summed over micro-steps, for the aux_free bias update
-            for micro_step in range(accum):
-                x, y = get_batch(train_data, cfg.batch_size, block_size, data_rng, device)
-                last = micro_step == accum - 1
-                with (model.no_sync() if world > 1 and not last else nullcontext()), autocast:
-                    _, loss, stats = model(x, y)
-                (loss / accum).backward()  # gradients average over micro-steps (and, by DDP, processes)
-                parts["loss"] += loss.detach() / accum
-                for k in ("ce", "aux", "z"):
-                    parts[k] += stats[k] / accum
-                routing = add_routing(routing, stats["routing"])
-            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or float("inf"))
-            if torch.isfinite(grad_norm):  # DDP averaged the gradients, so every process agrees
-                optimizer.step()
-                raw_model.update_expert_bias(routing)
-                bad_steps = 0
-            else:  # a non-finite loss or gradient: skip the step rather than poison the weights
-                bad_steps += 1
-                progress.skipped_steps += 1
-                print0(f"iter {it}: non-finite loss or gradient, step skipped ({bad_steps} in a row)")
-                if bad_steps >= cfg.max_bad_steps:
-                    raise UserError(diverged(f"{bad_steps} steps in a row had a non-finite loss or gradient, "
-                                             f"stopping", last_good))
-            optimizer.zero_grad(set_to_none=True)
-            progress.iter_num = it = it + 1
-            bar.update(1)
+def evaluate_and_checkpoint(run, cfg, stop):
+    """Validation loss and routing at this iteration, logged; then the checkpoint, unless anything is
+    non-finite (the run stops with the last good checkpoint named)."""
+    it, progress, system = run.progress.iter_num, run.progress, run.system
+    val_loss, routing = evaluate(run.eval_model, run.val_data, cfg.batch_size, run.block_size, cfg.eval_iters,
+                                 system.device, system.autocast)
+    if not math.isfinite(val_loss):  # not a new best, and no reason to checkpoint
+        raise UserError(diverged(f"iteration {it}: validation loss is non-finite ({val_loss}), not "
+                                 f"checkpointed", stop.checkpoint))
+    check_finite(run, it, stop)
+    routing = routing_summary(run.raw_model, routing)
+    progress.best_val_loss, progress.evaluated_iter = min(progress.best_val_loss, val_loss), it
+    print0(f"iter {it}: val loss {val_loss:.4f}, best {progress.best_val_loss:.4f}")
+    for layer, summary in enumerate(routing):
+        print0(routing_line(layer, summary))
+    if system.master:
+        append_log(run.log_path, {"iter": it, "tokens": it * run.tokens_per_iter, "val_loss": val_loss,
+                                  "best_val_loss": progress.best_val_loss, "routing": routing, "time": time.time()})
+    write_checkpoint(run.ckpt_path, run.about, run.raw_model, run.optimizer, progress, run.data_rng, system)
+    stop.checkpoint = f"{run.ckpt_path} (iteration {it})"
 
-            # --- log ---
-            if it % cfg.log_interval == 0 or it == cfg.max_iters:
-                dt = (time.time() - t_last) / max(1, it - it_last)
-                t_last, it_last = time.time(), it
-                values = {k: float(v) for k, v in parts.items()}
-                speed = {"flops_per_s": flops_per_iter / dt}  # achieved, by all processes together
-                if peak:
-                    speed["mfu"] = speed["flops_per_s"] / (peak * world)
-                print0(f"iter {it}: loss {values['loss']:.4f}, ce {values['ce']:.4f}, aux {values['aux']:.4f}, "
-                       f"z {values['z']:.4f}, lr {lr:.1e}, {dt * 1000:.1f}ms, {flops_text(speed['flops_per_s'])}"
-                       + (f", MFU {speed['mfu']:.1%}" if peak else ""))
-                if system.master:
-                    append_log(log_path, {"iter": it, "tokens": it * tokens_per_iter, **values, "lr": lr,
-                                          "ms_per_iter": dt * 1000, "tokens_per_s": tokens_per_iter / dt, **speed,
-                                          "skipped_steps": progress.skipped_steps})
 
-            # --- stop cleanly on SIGINT / SIGTERM ---
-            if stop.anywhere(system):  # every process stops after the same step
-                if not finite_state(raw_model, optimizer):
-                    raise UserError(diverged(f"iteration {it}: non-finite weights or optimizer state, not "
-                                             f"checkpointed", last_good))
-                write_checkpoint(ckpt_path, about, raw_model, optimizer, progress, data_rng, system)
-                raise Stopped(progress)
-    finally:
-        # --- finish ---
-        bar.close()
-        if world > 1:
-            del model  # DDP's reducer holds the process group
-            end_processes()
-    return progress
+def check_finite(run, it, stop):
+    """Stop before a checkpoint would save non-finite weights or optimizer state."""
+    if not finite_state(run.raw_model, run.optimizer):
+        raise UserError(diverged(f"iteration {it}: non-finite weights or optimizer state, not checkpointed",
+                                 stop.checkpoint))
+
+
+def optimizer_step(run, cfg, it):
+    """One optimizer step at iteration it: set the lr, run the micro-steps (gradients averaged over them and,
+    by DDP, over processes), clip, step (and the aux_free bias update). Returns (lr, the loss parts averaged over
+    micro-steps, whether the step was taken: not with a non-finite gradient)."""
+    model, raw_model, system = run.model, run.raw_model, run.system
+    lr = get_lr(it, cfg)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    parts = dict.fromkeys(("loss", "ce", "aux", "z"), 0.0)  # averaged over micro-steps, for the log
+    routing = None  # summed over micro-steps, for the aux_free bias update
+    for micro_step in range(run.accum):
+        x, y = get_batch(run.train_data, cfg.batch_size, run.block_size, run.data_rng, system.device)
+        last = micro_step == run.accum - 1
+        with (model.no_sync() if system.world > 1 and not last else nullcontext()), system.autocast:
+            _, loss, stats = model(x, y)
+        (loss / run.accum).backward()  # gradients average over micro-steps (and, by DDP, processes)
+        parts["loss"] += loss.detach() / run.accum
+        for k in ("ce", "aux", "z"):
+            parts[k] += stats[k] / run.accum
+        routing = add_routing(routing, stats["routing"])
+    grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or float("inf"))
+    stepped = bool(torch.isfinite(grad_norm))  # DDP averaged the gradients, so every process agrees
+    if stepped:
+        run.optimizer.step()
+        raw_model.update_expert_bias(routing)
+    run.optimizer.zero_grad(set_to_none=True)
+    return lr, parts, stepped
+
+
+def log_step(run, cfg, it, lr, parts, clock):
+    """The log line and metrics.jsonl record after iteration it: the loss parts, lr, time per step since the last
+    line (clock: [time, iteration] of it) and the FLOP/s and MFU that make."""
+    dt = (time.time() - clock[0]) / max(1, it - clock[1])
+    values = {k: float(v) for k, v in parts.items()}
+    speed = {"flops_per_s": run.flops_per_iter / dt}  # achieved, by all processes together
+    if run.peak:
+        speed["mfu"] = speed["flops_per_s"] / (run.peak * run.system.world)
+    print0(f"iter {it}: loss {values['loss']:.4f}, ce {values['ce']:.4f}, aux {values['aux']:.4f}, "
+           f"z {values['z']:.4f}, lr {lr:.1e}, {dt * 1000:.1f}ms, {flops_text(speed['flops_per_s'])}"
+           + (f", MFU {speed['mfu']:.1%}" if run.peak else ""))
+    if run.system.master:
+        append_log(run.log_path, {"iter": it, "tokens": it * run.tokens_per_iter, **values, "lr": lr,
+                                  "ms_per_iter": dt * 1000, "tokens_per_s": run.tokens_per_iter / dt, **speed,
+                                  "skipped_steps": run.progress.skipped_steps})
 
 
 class Stopped(KeyboardInterrupt):

@@ -11,7 +11,7 @@ import torch
 from conftest import ROOT
 
 import bench
-from model import GPTConfig
+from model import GPTConfig, MoE, model_fields
 from runtime import use_compile
 
 TINY = GPTConfig(vocab_size=128, block_size=16, n_layer=1, n_head=2, n_embd=32, n_experts=4, top_k=2,
@@ -159,3 +159,27 @@ def test_paired_ratio_cancels_slow_moments():
     model_s, dense_s = [6.0, 6.0, 6.0, 2.0, 2.0], [3.0, 3.0, 1.0, 1.0, 1.0]
     assert bench.paired_ratio(model_s, dense_s) == 2.0
     assert statistics.median(model_s) / statistics.median(dense_s) == 6.0
+
+
+def test_forced_balance_gives_every_expert_the_same_slots():
+    cfg = GPTConfig(vocab_size=64, n_layer=1, n_head=2, n_embd=32, n_experts=4, top_k=2, expert_hidden=48)
+    moe = MoE(cfg)
+    with torch.no_grad():
+        moe.router.weight.normal_(0, 1)
+        moe.router.weight[0] += 3  # on positive inputs, expert 0 wins every token
+    x = torch.rand(2, 16, cfg.n_embd)
+    assert moe(x)[3]["load"][0] == 32
+    bench.force_balance(moe)
+    _, _, weights, experts = moe.route(x.view(-1, cfg.n_embd))
+    assert moe(x)[3]["load"].tolist() == [16.0] * 4  # N * K / E = 32 * 2 / 4
+    assert all(len(set(row)) == 2 for row in experts.tolist())  # a token's K slots go to K different experts
+    torch.testing.assert_close(weights.sum(-1), torch.ones(32))  # still the router's (renormalised) weights
+    for impl in ("grouped", "loop"):  # both dispatch paths take it
+        moe.config.moe_impl = impl
+        y, _, _, _ = moe(x)
+        assert y.shape == x.shape and torch.isfinite(y).all()
+
+
+def test_forced_balance_is_no_config_knob():
+    """Only bench.py sets it, on the modules: no config file or --key=value can train with it."""
+    assert not [k for k in model_fields() if "balance" in k and k != "balance"]

@@ -20,7 +20,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import runtime
 from configurator import UserError
-from model import GPT, GROUPED_MM_FALLBACK_SYNCS, GPTConfig, MoE, cuda_capability, use_grouped_mm
+from model import GPT, GPTConfig, MoE
+from moe_kernels import GROUPED_MM_FALLBACK_SYNCS, cuda_capability, use_grouped_mm
 from runtime import StopFlag, System, pick_dtype, setup_system
 
 # -----------------------------------------------------------------------------

@@ -147,7 +147,7 @@ def test_report_without_matplotlib(data_root, in_tmp, monkeypatch):
 @pytest.mark.parametrize("args, message", [
     (["--sweep=n_experts"], "sweep expects key=v1,v2"),
     (["--match=all"], "match must be one of"),
-    (["--seeds=0"], "seeds and jobs must be at least 1"),
+    (["--seeds=0"], "seeds must be at least 1"),
     (["--sweep=top_k=9"], "top_k (9) must be between 1 and n_experts (4)"),
     (["--sweep=n_expert=4,8"], "unknown config key 'n_expert'; did you mean n_experts?"),
     (["--sweep=top_k=1.5"], "top_k expects an int"),

@@ -192,8 +192,8 @@ def test_dataset_vocabulary_changed_since_checkpoint(data_root, tmp_path):
     (["--n_embd=36", "--n_head=4"], "must be even for rotary embeddings"),
     (["--match=total", "--n_experts=0"], "needs an MoE config"),
     (["--init_from=continue"], "init_from must be one of scratch, resume"),
-    (["--dtype=float16"], "dtype must be 'auto', 'float32' or 'bfloat16'"),
-    (["--compile=maybe"], "compile must be 'auto', 'true' or 'false'"),
+    (["--dtype=float16"], "dtype must be one of auto, float32, bfloat16"),
+    (["--compile=maybe"], "compile must be one of auto, true, false"),
 ])
 @pytest.mark.slow
 def test_more_user_errors(data_root, tmp_path, extra, message):

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import model
+import moe_kernels
 from model import (
     GPT,
     MAX_FFN_RATIO,
@@ -18,9 +19,9 @@ from model import (
     count_params,
     flops_per_token,
     match_dense,
-    model_fields,
     slots_per_expert,
 )
+from train import routing_summary
 
 TOY = dict(vocab_size=97, block_size=16, n_layer=2, n_head=2, n_embd=32)
 VARIANTS = {
@@ -110,30 +111,6 @@ def test_flops_per_token_equals_counted_matmuls(name):
         loss.backward()
     attention = 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
     assert counter.get_total_flops() == (flops_per_token(cfg) - attention) * idx.numel()
-
-
-def test_forced_balance_gives_every_expert_the_same_slots():
-    cfg = toy(n_experts=4, top_k=2, expert_hidden=48)
-    moe = MoE(cfg)
-    with torch.no_grad():
-        moe.router.weight.normal_(0, 1)
-        moe.router.weight[0] += 3  # on positive inputs, expert 0 wins every token
-    x = torch.rand(2, 16, cfg.n_embd)
-    assert moe(x)[3]["load"][0] == 32
-    moe.force_balance = True
-    _, _, weights, experts = moe.route(x.view(-1, cfg.n_embd))
-    assert moe(x)[3]["load"].tolist() == [16.0] * 4  # N * K / E = 32 * 2 / 4
-    assert all(len(set(row)) == 2 for row in experts.tolist())  # a token's K slots go to K different experts
-    torch.testing.assert_close(weights.sum(-1), torch.ones(32))  # still the router's (renormalised) weights
-    for impl in ("grouped", "loop"):  # both dispatch paths take it
-        moe.config.moe_impl = impl
-        y, _, _, _ = moe(x)
-        assert y.shape == x.shape and torch.isfinite(y).all()
-
-
-def test_forced_balance_is_no_config_knob():
-    """Only bench.py sets it, on the modules: no config file or --key=value can train with it."""
-    assert "force_balance" not in model_fields() and not GPT(toy(n_experts=4)).moe_layers[0].force_balance
 
 
 @pytest.mark.parametrize("name", ["dense", "moe_e4k2", "moe_shared", "moe_hetero", "moe_auxfree"])
@@ -305,8 +282,8 @@ def test_empty_group_guard_zeroes_the_gradient_of_unused_experts(monkeypatch, gu
         torch.manual_seed(0)
         moe = MoE(replace_impl(cfg, impl))
         moe.expert_bias[2:] = -10.0  # a selection bias no score can beat: experts 2 and 3 get no tokens
-        monkeypatch.setattr(model, "empty_groups_get_gradients", lambda device: guard)
-        monkeypatch.setattr(model.F, "grouped_mm", lambda a, b, offs: EmptyGroupGarbage.apply(a, b, offs))
+        monkeypatch.setattr(moe_kernels, "empty_groups_get_gradients", lambda device: guard)
+        monkeypatch.setattr(moe_kernels.F, "grouped_mm", lambda a, b, offs: EmptyGroupGarbage.apply(a, b, offs))
         y, _, _, counts = moe(x)
         y.sum().backward()
         grads[impl] = moe.experts.w1[0].grad
@@ -336,8 +313,8 @@ def test_padded_groups_change_nothing(name, monkeypatch):
     x = torch.randn(3, 7, cfg.n_embd)
     unpadded = run_moe(cfg, x, "grouped")
     for compiling in (False, True):
-        monkeypatch.setattr(model.torch.compiler, "is_compiling", lambda compiling=compiling: compiling)
-        monkeypatch.setattr(model, "group_rows_multiple", lambda device_type, dtype: 8)
+        monkeypatch.setattr(moe_kernels.torch.compiler, "is_compiling", lambda compiling=compiling: compiling)
+        monkeypatch.setattr(moe_kernels, "group_rows_multiple", lambda device_type, dtype: 8)
         assert_same_moe(unpadded, run_moe(cfg, x, "grouped"), atol=1e-6)
 
 
@@ -349,10 +326,10 @@ def test_batched_experts_change_nothing(name, multiple, monkeypatch):
     cfg = toy(**VARIANTS[name])
     x = torch.randn(3, 7, cfg.n_embd)
     unpadded = run_moe(cfg, x, "grouped")
-    monkeypatch.setattr(model, "group_rows_multiple", lambda device_type, dtype: multiple)
-    monkeypatch.setattr(model, "batch_experts", lambda *args: True)
+    monkeypatch.setattr(moe_kernels, "group_rows_multiple", lambda device_type, dtype: multiple)
+    monkeypatch.setattr(moe_kernels, "batch_experts", lambda *args: True)
     bmm = []
-    monkeypatch.setattr(model.torch, "bmm", lambda a, b: bmm.append(a.shape) or torch.matmul(a, b))
+    monkeypatch.setattr(moe_kernels.torch, "bmm", lambda a, b: bmm.append(a.shape) or torch.matmul(a, b))
     assert_same_moe(unpadded, run_moe(cfg, x, "grouped"), atol=1e-6)
     E = cfg.n_experts
     assert bmm and all(shape[0] == E and shape[1] % multiple == 0 for shape in bmm)
@@ -365,7 +342,7 @@ def test_pad_groups_layout():
     order = experts.argsort(stable=True)
     load = torch.bincount(experts, minlength=5)  # expert 4 gets nothing
     gate = torch.arange(1, 11, dtype=torch.float32)[order]
-    token, padded_gate, padded = model.pad_groups(order, gate, experts[order], load, 4)
+    token, padded_gate, padded = moe_kernels.pad_groups(order, gate, experts[order], load, 4)
     assert padded.tolist() == [4, 4, 8, 4, 0] and token.shape == (20,)
     starts = [0, 4, 8, 16, 20]
     for e in range(5):
@@ -375,9 +352,9 @@ def test_pad_groups_layout():
         assert padded_gate[starts[e] + int(load[e]):starts[e] + int(padded[e])].eq(0).all()
     with pytest.MonkeyPatch.context() as m:
         m.setattr(model.torch.compiler, "is_compiling", lambda: True)
-        token, padded_gate, padded = model.pad_groups(order, gate, experts[order], load, 4)
+        token, padded_gate, padded = moe_kernels.pad_groups(order, gate, experts[order], load, 4)
     assert token.shape == (4 * (3 + 5 - 1),) and padded.tolist() == [4, 4, 8, 4, 8] and padded.sum() == 28
-    token, padded_gate, padded = model.pad_groups(order, gate, experts[order], load, 4, equal=True)
+    token, padded_gate, padded = moe_kernels.pad_groups(order, gate, experts[order], load, 4, equal=True)
     assert padded.tolist() == [8] * 5 and token.shape == (40,)
     for e in range(5):  # each group at 8 * e, its own slots first, then padding
         assert token[8 * e:8 * e + int(load[e])].tolist() == torch.where(experts == e)[0].tolist()
@@ -389,25 +366,25 @@ def test_batch_experts():
     expert than GROUP_CALL_MACS / width (fewer for wider experts); grouped_mm otherwise, and on every other
     device or dtype."""
     width = 256 * 128  # E64k8 at bench.py --quick's shapes: 128 rows
-    rows = model.GROUP_CALL_MACS // width
-    assert rows == 128 and model.GROUP_CALL_MACS // (256 * 512) == 32
+    rows = moe_kernels.GROUP_CALL_MACS // width
+    assert rows == 128 and moe_kernels.GROUP_CALL_MACS // (256 * 512) == 32
     even = torch.full((64,), 256)
-    assert model.batch_experts("cpu", torch.bfloat16, even, width)
-    assert model.batch_experts("cpu", torch.bfloat16, torch.tensor([256 + rows, 256 - rows]), width)
-    assert not model.batch_experts("cpu", torch.bfloat16, torch.tensor([257 + rows, 256 - rows]), width)
-    assert not model.batch_experts("cpu", torch.bfloat16, torch.tensor([256 + rows, 256 - rows]), 4 * width)
-    assert not model.batch_experts("cpu", torch.float32, even, width)
-    assert not model.batch_experts("cuda", torch.bfloat16, even, width)
+    assert moe_kernels.batch_experts("cpu", torch.bfloat16, even, width)
+    assert moe_kernels.batch_experts("cpu", torch.bfloat16, torch.tensor([256 + rows, 256 - rows]), width)
+    assert not moe_kernels.batch_experts("cpu", torch.bfloat16, torch.tensor([257 + rows, 256 - rows]), width)
+    assert not moe_kernels.batch_experts("cpu", torch.bfloat16, torch.tensor([256 + rows, 256 - rows]), 4 * width)
+    assert not moe_kernels.batch_experts("cpu", torch.float32, even, width)
+    assert not moe_kernels.batch_experts("cuda", torch.bfloat16, even, width)
     with pytest.MonkeyPatch.context() as m:
         m.setattr(model.torch.compiler, "is_compiling", lambda: True)
-        assert not model.batch_experts("cpu", torch.bfloat16, even, width)
+        assert not moe_kernels.batch_experts("cpu", torch.bfloat16, even, width)
 
 
 def test_group_rows_multiple():
     """Only CPU bf16 pads: oneDNN compiles a kernel per matmul shape there; MKL's fp32 and CUDA do not."""
-    assert model.group_rows_multiple("cpu", torch.bfloat16) == 32
-    assert model.group_rows_multiple("cpu", torch.float32) == 1
-    assert model.group_rows_multiple("cuda", torch.bfloat16) == 1
+    assert moe_kernels.group_rows_multiple("cpu", torch.bfloat16) == 32
+    assert moe_kernels.group_rows_multiple("cpu", torch.float32) == 1
+    assert moe_kernels.group_rows_multiple("cuda", torch.bfloat16) == 1
 
 
 def test_router_losses():
@@ -500,7 +477,7 @@ def test_routing_stats():
     _, _, stats = model(idx, idx)
     _, _, stats2 = model(idx, idx)
     routing = [{k: a[k] + b[k] for k in a} for a, b in zip(stats["routing"], stats2["routing"])]  # two batches
-    summary = model.routing_summary(routing)
+    summary = routing_summary(model, routing)
     assert len(summary) == cfg.n_layer
     for moe, x, layer in zip(model.moe_layers, inputs, summary):
         probs = (x @ moe.router.weight.T).softmax(-1)  # (N, E)
@@ -559,7 +536,7 @@ def test_aux_free_bias_balances_a_skewed_router():
         moe.router.weight.normal_(0, 0.02)
         moe.router.weight[0] += 0.5  # expert 0 wins most tokens
     x = torch.randn(4, 32, cfg.n_embd)
-    max_mean = lambda: model.routing_summary([moe(x)[3]])[0]["max_mean"]
+    max_mean = lambda: routing_summary(model, [moe(x)[3]])[0]["max_mean"]
     before = max_mean()
     assert before > 1.8, "the test needs a skewed router to start from"
     for _ in range(40):
@@ -584,8 +561,7 @@ def test_invalid_config_messages(kw, message):
 
 def test_auto_impl_picks_a_working_path():
     cfg = toy(n_experts=4, top_k=2, expert_hidden=16)
-    moe = MoE(cfg)
-    assert moe.use_grouped(torch.randn(2, 32))
-    assert moe.use_grouped(torch.randn(2, 32).bfloat16())
+    assert moe_kernels.use_grouped(cfg, torch.randn(2, 32))
+    assert moe_kernels.use_grouped(cfg, torch.randn(2, 32).bfloat16())
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert moe.use_grouped(torch.randn(2, 32))
+        assert moe_kernels.use_grouped(cfg, torch.randn(2, 32))
