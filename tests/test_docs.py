@@ -121,3 +121,15 @@ def test_a_broken_link_or_anchor_is_reported(tmp_path):
     problems = broken_links(str(tmp_path / "README.md"), root=str(tmp_path))
     assert [p.split(": ")[1] for p in problems] == [
         "docs/gone.md", "docs/page.md#no-such-part", "docs/gone.png", "docs/also_gone.md"]
+
+
+def test_readme_states_the_test_commands_ci_runs():
+    """The README's Tests section gives the commands CI (.ci/run) runs: `pytest -q`, which pyproject's addopts
+    make `-m 'not soak'`, and `pytest -q -m soak`."""
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    tests = readme.split("\n## Tests\n", 1)[1].split("\n## ", 1)[0]
+    commands = [line.split("#")[0].strip() for line in tests.split("```bash", 1)[1].split("```", 1)[0].splitlines()]
+    assert "python -m pytest -q" in commands and "python -m pytest -q -m soak" in commands
+    ci = open(os.path.join(ROOT, ".ci", "run"), encoding="utf-8").read()
+    assert 'python -m pytest -q -m "not soak"' in ci and "python -m pytest -q -m soak" in ci
+    assert "addopts = \"-m 'not soak'\"" in open(os.path.join(ROOT, "pyproject.toml"), encoding="utf-8").read()
