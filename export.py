@@ -21,6 +21,12 @@ softmax with shared experts or with the aux_free bias. DeepseekV3ForCausalLM its
 tinymoe's attention: its multi-head latent attention normalises a key/value latent (kv_a_layernorm)
 and shares one rotary key across heads.
 
+Beside the weights, what makes the folder behave like a GPT-2-tokenizer model from the Hub:
+- the tokenizer pads with end-of-text, on the left, so generate() on a padded batch and
+  pipeline("text-generation") with several prompts give each prompt its unbatched continuation. The
+  model's config has no pad_token_id: transformers would make it the embedding's padding_idx, whose row
+  fine-tuning then never updates.
+
 transformers stays optional: only this script needs it. Supported: transformers 5.24.0 with
 safetensors 0.8.0 (the versions CI pins), whose MoE classes keep experts stacked (in memory) as
 gate_up_proj (E, 2H, C) and down_proj (E, C, H).
@@ -100,7 +106,9 @@ def hf_target(cfg):
 
 
 def hf_config(transformers, cfg, target, eot):
-    """The transformers config of the target class that describes cfg; eot (end-of-text) is bos and eos."""
+    """The transformers config of the target class that describes cfg; eot (end-of-text) is bos and eos.
+    No pad_token_id here (the tokenizer has it): the model classes would make it their embedding's
+    padding_idx, and fine-tuning would then never update end-of-text's embedding."""
     common = dict(
         vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd, num_hidden_layers=cfg.n_layer,
         num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_head, head_dim=cfg.n_embd // cfg.n_head,
@@ -223,8 +231,10 @@ def hf_tokenizer(transformers, enc, block_size):
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
     eot = "<|endoftext|>"
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=eot, eos_token=eot,
-                                                model_max_length=block_size)
+    # no pad token of its own: end-of-text pads, on the left so that each row's last token is its prompt's
+    # last (GPT-2's convention on the Hub); the attention mask keeps the pads out of every real token's view
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=eot, eos_token=eot, pad_token=eot,
+                                                padding_side="left", model_max_length=block_size)
 
 
 # -----------------------------------------------------------------------------

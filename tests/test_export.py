@@ -56,7 +56,7 @@ def tiny_model(vocab_size, **overrides):
     """A random model whose routing is decisive (a strong router, a large random aux_free bias), so
     that a mapping that dropped the bias or swapped experts could not pass unnoticed."""
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=vocab_size, **TINY, **overrides))
+    model = GPT(GPTConfig(vocab_size=vocab_size, **{**TINY, **overrides}))
     for moe in model.moe_layers:
         torch.nn.init.normal_(moe.router.weight, std=0.5)
         if moe.config.balance == "aux_free":
@@ -147,6 +147,45 @@ def test_export_is_exact(kind, tmp_path, bpe_spec):
             got = hf.generate(idx, attention_mask=torch.ones_like(idx), do_sample=False, max_new_tokens=24,
                               pad_token_id=enc.eot_token)[0].tolist()
             assert got == want[:len(got)] and (len(got) == len(want) or got[-1] == enc.eot_token)
+
+
+def export_and_load(tmp_path, spec, model):
+    """Export model (with tokenizer spec) through a checkpoint; return (folder, transformers model, tokenizer)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    save_checkpoint(str(tmp_path / "ckpt.pt"), model, spec)
+    export.export(str(tmp_path), str(tmp_path / "hf"))
+    return tmp_path / "hf", AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval(), \
+        AutoTokenizer.from_pretrained(tmp_path / "hf")
+
+
+@needs_transformers
+@pytest.mark.parametrize("kind", ["dense", "mixtral", "sigmoid_auxfree_shared"])
+def test_batched_generation_pads_left(kind, tmp_path, bpe_spec):
+    """Prompts of different lengths, padded into one batch, continue as each does alone: through
+    generate() and through a text-generation pipeline (which refuses to batch without a pad token)."""
+    from transformers import pipeline
+
+    model = tiny_model(400, **KINDS[kind][0])
+    folder, hf, tokenizer = export_and_load(tmp_path, bpe_spec, model)
+    eot = prepare.encoding(bpe_spec).eot_token
+    assert (tokenizer.pad_token_id, tokenizer.padding_side) == (eot, "left")
+    assert hf.config.pad_token_id is None  # else Llama & co. make it padding_idx: eot's embedding would never train
+    n_new = 12
+    alone = []  # tinymoe's greedy continuation of each prompt, up to the first end-of-text (where generate stops)
+    for prompt in PROMPTS:
+        new = model.generate(torch.tensor([tokenizer(prompt)["input_ids"]]), n_new, top_k=1)[0, -n_new:].tolist()
+        alone.append(new[:new.index(eot) + 1] if eot in new else new)
+    batch = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    assert len({len(tokenizer(p)["input_ids"]) for p in PROMPTS}) == len(PROMPTS)  # every row padded differently
+    with torch.no_grad():
+        out = hf.generate(**batch, do_sample=False, max_new_tokens=n_new)[:, batch["input_ids"].shape[1]:]
+    for row, want in zip(out.tolist(), alone):
+        assert row[:len(want)] == want and set(row[len(want):]) <= {eot}  # a row that stopped is padded
+    texts = pipeline("text-generation", model=str(folder))(PROMPTS, batch_size=len(PROMPTS), do_sample=False,
+                                                           max_new_tokens=n_new, return_full_text=False)
+    assert [t[0]["generated_text"] for t in texts] == [tokenizer.decode(want, skip_special_tokens=True)
+                                                       for want in alone]
 
 
 @needs_transformers
