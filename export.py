@@ -26,6 +26,10 @@ Beside the weights, what makes the folder behave like a GPT-2-tokenizer model fr
   pipeline("text-generation") with several prompts give each prompt its unbatched continuation. The
   model's config has no pad_token_id: transformers would make it the embedding's padding_idx, whose row
   fine-tuning then never updates.
+- generation_config.json holds sample.py's defaults: do_sample=True, temperature=0.8, top_k=200,
+  max_new_tokens=200, with end-of-text as eos and pad. Unlike sample.py, generate() stops at
+  end-of-text, and past block_size tokens it does not slide a window over the text: it goes on at
+  positions the model was never trained on.
 
 transformers stays optional: only this script needs it. Supported: transformers 5.24.0 with
 safetensors 0.8.0 (the versions CI pins), whose MoE classes keep experts stacked (in memory) as
@@ -42,6 +46,7 @@ try:  # Ctrl-C while the libraries load (torch takes a second or two): as quiet 
     import torch
     import torch.nn.functional as F
 
+    import sample  # its sampling defaults become generate()'s
     from configurator import UserError, configure, usage
     from model import GPT, GPTConfig
     from prepare import encoding
@@ -107,8 +112,8 @@ def hf_target(cfg):
 
 def hf_config(transformers, cfg, target, eot):
     """The transformers config of the target class that describes cfg; eot (end-of-text) is bos and eos.
-    No pad_token_id here (the tokenizer has it): the model classes would make it their embedding's
-    padding_idx, and fine-tuning would then never update end-of-text's embedding."""
+    No pad_token_id here (the tokenizer and generation_config have it): the model classes would make it their
+    embedding's padding_idx, and fine-tuning would then never update end-of-text's embedding."""
     common = dict(
         vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd, num_hidden_layers=cfg.n_layer,
         num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_head, head_dim=cfg.n_embd // cfg.n_head,
@@ -131,6 +136,13 @@ def hf_config(transformers, cfg, target, eot):
         n_routed_experts=cfg.n_experts, num_experts_per_tok=cfg.top_k, n_shared_experts=shared_units(cfg),
         norm_topk_prob=cfg.norm_topk_prob, n_group=1, topk_group=1, routed_scaling_factor=1.0,
         first_k_dense_replace=0, use_qk_norm=False, num_mtp_layers=0, **common)
+
+
+def hf_generation_config(transformers, eot):
+    """generate()'s defaults: sample.py's, with end-of-text as eos (generation stops there) and as pad."""
+    return transformers.GenerationConfig(
+        do_sample=True, temperature=sample.temperature, top_k=sample.top_k, max_new_tokens=sample.max_new_tokens,
+        bos_token_id=eot, eos_token_id=eot, pad_token_id=eot)
 
 
 def shared_units(cfg):
@@ -272,6 +284,7 @@ def export(out_dir, to, overwrite=False):
     enc = encoding(spec)
     config = hf_config(transformers, cfg, target, enc.eot_token)
     hf_model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    hf_model.generation_config = hf_generation_config(transformers, enc.eot_token)
     try:
         hf_model.load_state_dict(hf_state_dict(model, target), strict=True)
     except RuntimeError as e:

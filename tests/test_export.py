@@ -169,7 +169,7 @@ def test_batched_generation_pads_left(kind, tmp_path, bpe_spec):
     model = tiny_model(400, **KINDS[kind][0])
     folder, hf, tokenizer = export_and_load(tmp_path, bpe_spec, model)
     eot = prepare.encoding(bpe_spec).eot_token
-    assert (tokenizer.pad_token_id, tokenizer.padding_side) == (eot, "left")
+    assert (tokenizer.pad_token_id, tokenizer.padding_side, hf.generation_config.pad_token_id) == (eot, "left", eot)
     assert hf.config.pad_token_id is None  # else Llama & co. make it padding_idx: eot's embedding would never train
     n_new = 12
     alone = []  # tinymoe's greedy continuation of each prompt, up to the first end-of-text (where generate stops)
@@ -186,6 +186,36 @@ def test_batched_generation_pads_left(kind, tmp_path, bpe_spec):
                                                            max_new_tokens=n_new, return_full_text=False)
     assert [t[0]["generated_text"] for t in texts] == [tokenizer.decode(want, skip_special_tokens=True)
                                                        for want in alone]
+
+
+@needs_transformers
+def test_generate_defaults_are_sample_py_s(tmp_path, bpe_spec):
+    """generation_config.json holds sample.py's defaults, so generate() with no arguments samples as sample.py
+    does: the same tokens from the same seed (until end-of-text, where generate stops)."""
+    import json
+
+    import sample
+
+    model = tiny_model(400, block_size=256, **KINDS["mixtral"][0])  # the prompt and 200 tokens fit in a block
+    folder, hf, tokenizer = export_and_load(tmp_path, bpe_spec, model)
+    eot = prepare.encoding(bpe_spec).eot_token
+    written = json.loads((folder / "generation_config.json").read_text())
+    assert {k: written.get(k) for k in ("do_sample", "temperature", "top_k", "max_new_tokens", "pad_token_id",
+                                        "eos_token_id")} == dict(do_sample=True, temperature=0.8, top_k=200,
+                                                                 max_new_tokens=200, pad_token_id=eot, eos_token_id=eot)
+    assert (sample.temperature, sample.top_k, sample.max_new_tokens) == (0.8, 200, 200)  # else update the docs
+    batch = tokenizer([PROMPTS[0]], return_tensors="pt")
+    idx = batch["input_ids"]
+    lengths = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            got = hf.generate(**batch)[0, idx.shape[1]:].tolist()
+        torch.manual_seed(seed)
+        want = model.generate(idx, sample.max_new_tokens, sample.temperature, sample.top_k)[0, idx.shape[1]:].tolist()
+        assert got == want[:len(got)] and (len(got) == len(want) or got[-1] == eot)
+        lengths.append(len(got))
+    assert max(lengths) > 20  # not transformers' own default of 20 tokens (no end-of-text came that soon)
 
 
 @needs_transformers
