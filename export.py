@@ -265,6 +265,12 @@ def import_transformers():
     return transformers
 
 
+def current_umask():
+    mask = os.umask(0o022)  # reading the umask means setting it
+    os.umask(mask)
+    return mask
+
+
 @torch.no_grad()
 def max_logits_diff(model, hf_model, idx):
     """max |tinymoe logits - transformers logits| over every position of idx (B, T)."""
@@ -303,7 +309,9 @@ def export(out_dir, to, overwrite=False):
             raise UserError(f"the exported {type(loaded).__name__} computes logits {diff:.2e} away from tinymoe's "
                             f"(transformers {transformers.__version__}); nothing written. Please report this")
         os.makedirs(to, exist_ok=True)
+        mode = 0o666 & ~current_umask()  # safetensors writes its file 0600: give every file a new file's mode
         for name in os.listdir(tmp):
+            os.chmod(os.path.join(tmp, name), mode)
             os.replace(os.path.join(tmp, name), os.path.join(to, name))
     except OSError as e:
         raise UserError(f"could not write {to}: {e.strerror or e}") from None

@@ -219,6 +219,20 @@ def test_generate_defaults_are_sample_py_s(tmp_path, bpe_spec):
 
 
 @needs_transformers
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_exported_files_have_a_new_file_s_mode(umask, tmp_path, bpe_spec):
+    """safetensors writes its file 0600; every exported file gets what the umask gives a new file (0644 at 022)."""
+    old = os.umask(umask)
+    try:
+        save_checkpoint(str(tmp_path / "ckpt.pt"), tiny_model(400, **KINDS["mixtral"][0]), bpe_spec)
+        export.export(str(tmp_path), str(tmp_path / "hf"))
+    finally:
+        os.umask(old)
+    modes = {name: oct((tmp_path / "hf" / name).stat().st_mode & 0o777) for name in os.listdir(tmp_path / "hf")}
+    assert "model.safetensors" in modes and set(modes.values()) == {oct(0o666 & ~umask)}, modes
+
+
+@needs_transformers
 def test_export_refuses_to_overwrite(tmp_path, bpe_spec):
     save_checkpoint(str(tmp_path / "ckpt.pt"), tiny_model(400), bpe_spec)
     (tmp_path / "hf").mkdir()
