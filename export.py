@@ -31,6 +31,25 @@ Beside the weights, what makes the folder behave like a GPT-2-tokenizer model fr
   end-of-text, and past block_size tokens it does not slide a window over the text: it goes on at
   positions the model was never trained on.
 
+Fine-tuning the export in transformers does not optimise tinymoe's training loss:
+- config.output_router_logits is False (as in Mixtral's own configs): model(ids, labels=ids) returns
+  the cross-entropy alone, without any load-balancing loss. Pass output_router_logits=True (or set it in
+  the config) to add router_aux_loss_coef * aux_loss.
+- router_aux_loss_coef = aux_loss_coef / top_k. For each expert e of layer l, let f_le be its share of
+  the N*K slots (the shares sum to 1) and P_le its mean router probability over the N tokens. tinymoe
+  adds aux_loss_coef * mean_l E * sum_e f_le * P_le (Switch's loss per layer, averaged over layers).
+  transformers (load_balancing_loss_func) first pools the layers: its shares are of the N tokens, so
+  they sum to K, and it adds router_aux_loss_coef * E * sum_e (K * mean_l f_le) * (mean_l P_le). Since
+  mean(f P) = mean(f) mean(P) + cov(f, P),
+      transformers' term = tinymoe's - aux_loss_coef * E * sum_e cov_l(f_le, P_le)
+  with cov_l the covariance over the MoE layers. With one MoE layer the two are equal, and so are their
+  gradients. With several they are not, and no coefficient can make them so: the difference depends on
+  the batch, and each layer's router is pushed by the pooled shares instead of its own layer's. Measured
+  on cpu_moe (4 layers, top_k=2) trained 600 steps: transformers' loss is 1.988 to 1.991 times tinymoe's
+  on batches of Shakespeare, not 2, so the weighted term is 0.5-0.6% below tinymoe's.
+- transformers has no router z-loss (tinymoe's z_loss_coef), and Glm4MoeForCausalLM no balancing at
+  all: no aux loss, and nothing updates e_score_correction_bias as tinymoe's aux_free rule does.
+
 transformers stays optional: only this script needs it. Supported: transformers 5.24.0 with
 safetensors 0.8.0 (the versions CI pins), whose MoE classes keep experts stacked (in memory) as
 gate_up_proj (E, 2H, C) and down_proj (E, C, H).
@@ -124,8 +143,8 @@ def hf_config(transformers, cfg, target, eot):
     if target == "llama":
         return transformers.LlamaConfig(intermediate_size=cfg.ffn_hidden, mlp_bias=False, **common)
     if target == "mixtral":
-        # transformers' Switch loss is E * sum_e (count_e / N) * P_e: tinymoe's, whose fractions are
-        # of the N*K slots, times top_k. The same training objective needs the coefficient / top_k.
+        # transformers' shares of each expert are of the N tokens (they sum to top_k), tinymoe's of the N*K
+        # slots (sum 1): / top_k makes the weighted loss tinymoe's for ONE MoE layer; for several, see the docstring
         aux = cfg.aux_loss_coef / cfg.top_k if cfg.balance == "switch" else 0.0
         return transformers.MixtralConfig(
             intermediate_size=cfg.expert_sizes[0], num_local_experts=cfg.n_experts, num_experts_per_tok=cfg.top_k,
@@ -265,6 +284,28 @@ def import_transformers():
     return transformers
 
 
+def summary(cfg, target, eot):
+    """What the export does beyond the logits, printed after it: generate()'s defaults, and how fine-tuning it
+    in transformers differs from training in tinymoe (the docstring says why)."""
+    lines = [f"generate(): sample.py's defaults (do_sample=True, temperature={sample.temperature}, "
+             f"top_k={sample.top_k}, max_new_tokens={sample.max_new_tokens}), stops at end-of-text (id {eot}); "
+             f"the tokenizer pads with end-of-text, on the left"]
+    if target == "mixtral" and cfg.balance == "switch":
+        exact = ("exact (one MoE layer)" if cfg.n_layer == 1 else  # every layer of a Mixtral is MoE
+                 f"exact for one MoE layer only: over these {cfg.n_layer} transformers pools the layers' counts and "
+                 f"probabilities before the product, tinymoe averages per-layer losses (see export.py's docstring)")
+        lines += [f"fine-tuning: router_aux_loss_coef = aux_loss_coef / top_k = {cfg.aux_loss_coef / cfg.top_k:g}, "
+                  f"{exact}",
+                  "fine-tuning: output_router_logits is False in config.json, so model(..., labels=...) returns the "
+                  "cross-entropy alone, without the load-balancing loss, unless output_router_logits=True"]
+    if target == "glm4_moe":
+        lines.append("fine-tuning: Glm4MoeForCausalLM has no load-balancing loss, and nothing updates "
+                     "e_score_correction_bias (the aux_free bias) as tinymoe's training does")
+    if cfg.n_experts > 0 and cfg.z_loss_coef > 0:
+        lines.append(f"fine-tuning: transformers has no router z-loss (tinymoe's z_loss_coef={cfg.z_loss_coef:g})")
+    return lines
+
+
 def current_umask():
     mask = os.umask(0o022)  # reading the umask means setting it
     os.umask(mask)
@@ -279,7 +320,8 @@ def max_logits_diff(model, hf_model, idx):
 
 
 def export(out_dir, to, overwrite=False):
-    """Write out_dir/ckpt.pt as a transformers folder `to`; return (class name, max logits difference)."""
+    """Write out_dir/ckpt.pt as a transformers folder `to`; return (class name, max logits difference,
+    the summary's lines)."""
     model, spec = load_model(os.path.join(out_dir, "ckpt.pt"))
     cfg = model.config
     target = hf_target(cfg)  # refuses before transformers is even needed
@@ -317,7 +359,7 @@ def export(out_dir, to, overwrite=False):
         raise UserError(f"could not write {to}: {e.strerror or e}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return type(loaded).__name__, diff
+    return type(loaded).__name__, diff, summary(cfg, target, enc.eot_token)
 
 
 def main(argv):
@@ -327,9 +369,10 @@ def main(argv):
         return
     try:
         cfg = SimpleNamespace(**configure(argv, defaults))
-        name, diff = export(cfg.out_dir, cfg.to, cfg.overwrite)
+        name, diff, notes = export(cfg.out_dir, cfg.to, cfg.overwrite)
         print(f"wrote {cfg.to or os.path.join(cfg.out_dir, 'hf')}: {name}, loaded back by transformers, "
               f"max |logits difference| {diff:.1e} against tinymoe (float32)")
+        print("\n".join(f"  {line}" for line in notes))
     except UserError as e:
         sys.exit(f"error: {e}")
 
