@@ -25,7 +25,9 @@ Beside the weights, what makes the folder behave like a GPT-2-tokenizer model fr
 - the tokenizer pads with end-of-text, on the left, so generate() on a padded batch and
   pipeline("text-generation") with several prompts give each prompt its unbatched continuation. The
   model's config has no pad_token_id: transformers would make it the embedding's padding_idx, whose row
-  fine-tuning then never updates.
+  fine-tuning then never updates. The price of pad = end-of-text, as for GPT-2: transformers'
+  DataCollatorForLanguageModeling sets the label of every end-of-text to -100 (ignored), real ones
+  included, so a model fine-tuned through it never learns to end a text; mask labels by attention_mask.
 - generation_config.json holds sample.py's defaults: do_sample=True, temperature=0.8, top_k=200,
   max_new_tokens=200, with end-of-text as eos and pad. Unlike sample.py, generate() stops at
   end-of-text, and past block_size tokens it does not slide a window over the text: it goes on at
