@@ -21,6 +21,37 @@ softmax with shared experts or with the aux_free bias. DeepseekV3ForCausalLM its
 tinymoe's attention: its multi-head latent attention normalises a key/value latent (kv_a_layernorm)
 and shares one rotary key across heads.
 
+Beside the weights, what makes the folder behave like a GPT-2-tokenizer model from the Hub:
+- the tokenizer pads with end-of-text, on the left, so generate() on a padded batch and
+  pipeline("text-generation") with several prompts give each prompt its unbatched continuation. The
+  model's config has no pad_token_id: transformers would make it the embedding's padding_idx, whose row
+  fine-tuning then never updates. The price of pad = end-of-text, as for GPT-2: transformers'
+  DataCollatorForLanguageModeling sets the label of every end-of-text to -100 (ignored), real ones
+  included, so a model fine-tuned through it never learns to end a text; mask labels by attention_mask.
+- generation_config.json holds sample.py's defaults: do_sample=True, temperature=0.8, top_k=200,
+  max_new_tokens=200, with end-of-text as eos and pad. Unlike sample.py, generate() stops at
+  end-of-text, and past block_size tokens it does not slide a window over the text: it goes on at
+  positions the model was never trained on.
+
+Fine-tuning the export in transformers does not optimise tinymoe's training loss:
+- config.output_router_logits is False (as in Mixtral's own configs): model(ids, labels=ids) returns
+  the cross-entropy alone, without any load-balancing loss. Pass output_router_logits=True (or set it in
+  the config) to add router_aux_loss_coef * aux_loss.
+- router_aux_loss_coef = aux_loss_coef / top_k. For each expert e of layer l, let f_le be its share of
+  the N*K slots (the shares sum to 1) and P_le its mean router probability over the N tokens. tinymoe
+  adds aux_loss_coef * mean_l E * sum_e f_le * P_le (Switch's loss per layer, averaged over layers).
+  transformers (load_balancing_loss_func) first pools the layers: its shares are of the N tokens, so
+  they sum to K, and it adds router_aux_loss_coef * E * sum_e (K * mean_l f_le) * (mean_l P_le). Since
+  mean(f P) = mean(f) mean(P) + cov(f, P),
+      transformers' term = tinymoe's - aux_loss_coef * E * sum_e cov_l(f_le, P_le)
+  with cov_l the covariance over the MoE layers. With one MoE layer the two are equal, and so are their
+  gradients. With several they are not, and no coefficient can make them so: the difference depends on
+  the batch, and each layer's router is pushed by the pooled shares instead of its own layer's. Measured
+  on cpu_moe (4 layers, top_k=2) trained 600 steps: transformers' loss is 1.988 to 1.991 times tinymoe's
+  on batches of Shakespeare, not 2, so the weighted term is 0.5-0.6% below tinymoe's.
+- transformers has no router z-loss (tinymoe's z_loss_coef), and Glm4MoeForCausalLM no balancing at
+  all: no aux loss, and nothing updates e_score_correction_bias as tinymoe's aux_free rule does.
+
 transformers stays optional: only this script needs it. Supported: transformers 5.24.0 with
 safetensors 0.8.0 (the versions CI pins), whose MoE classes keep experts stacked (in memory) as
 gate_up_proj (E, 2H, C) and down_proj (E, C, H).
@@ -36,6 +67,7 @@ try:  # Ctrl-C while the libraries load (torch takes a second or two): as quiet 
     import torch
     import torch.nn.functional as F
 
+    import sample  # its sampling defaults become generate()'s
     from configurator import UserError, configure, usage
     from model import GPT, GPTConfig
     from prepare import encoding
@@ -100,7 +132,9 @@ def hf_target(cfg):
 
 
 def hf_config(transformers, cfg, target, eot):
-    """The transformers config of the target class that describes cfg; eot (end-of-text) is bos and eos."""
+    """The transformers config of the target class that describes cfg; eot (end-of-text) is bos and eos.
+    No pad_token_id here (the tokenizer and generation_config have it): the model classes would make it their
+    embedding's padding_idx, and fine-tuning would then never update end-of-text's embedding."""
     common = dict(
         vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd, num_hidden_layers=cfg.n_layer,
         num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_head, head_dim=cfg.n_embd // cfg.n_head,
@@ -111,8 +145,8 @@ def hf_config(transformers, cfg, target, eot):
     if target == "llama":
         return transformers.LlamaConfig(intermediate_size=cfg.ffn_hidden, mlp_bias=False, **common)
     if target == "mixtral":
-        # transformers' Switch loss is E * sum_e (count_e / N) * P_e: tinymoe's, whose fractions are
-        # of the N*K slots, times top_k. The same training objective needs the coefficient / top_k.
+        # transformers' shares of each expert are of the N tokens (they sum to top_k), tinymoe's of the N*K
+        # slots (sum 1): / top_k makes the weighted loss tinymoe's for ONE MoE layer; for several, see the docstring
         aux = cfg.aux_loss_coef / cfg.top_k if cfg.balance == "switch" else 0.0
         return transformers.MixtralConfig(
             intermediate_size=cfg.expert_sizes[0], num_local_experts=cfg.n_experts, num_experts_per_tok=cfg.top_k,
@@ -123,6 +157,13 @@ def hf_config(transformers, cfg, target, eot):
         n_routed_experts=cfg.n_experts, num_experts_per_tok=cfg.top_k, n_shared_experts=shared_units(cfg),
         norm_topk_prob=cfg.norm_topk_prob, n_group=1, topk_group=1, routed_scaling_factor=1.0,
         first_k_dense_replace=0, use_qk_norm=False, num_mtp_layers=0, **common)
+
+
+def hf_generation_config(transformers, eot):
+    """generate()'s defaults: sample.py's, with end-of-text as eos (generation stops there) and as pad."""
+    return transformers.GenerationConfig(
+        do_sample=True, temperature=sample.temperature, top_k=sample.top_k, max_new_tokens=sample.max_new_tokens,
+        bos_token_id=eot, eos_token_id=eot, pad_token_id=eot)
 
 
 def shared_units(cfg):
@@ -223,8 +264,10 @@ def hf_tokenizer(transformers, enc, block_size):
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
     eot = "<|endoftext|>"
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=eot, eos_token=eot,
-                                                model_max_length=block_size)
+    # no pad token of its own: end-of-text pads, on the left so that each row's last token is its prompt's
+    # last (GPT-2's convention on the Hub); the attention mask keeps the pads out of every real token's view
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=eot, eos_token=eot, pad_token=eot,
+                                                padding_side="left", model_max_length=block_size)
 
 
 # -----------------------------------------------------------------------------
@@ -243,6 +286,34 @@ def import_transformers():
     return transformers
 
 
+def summary(cfg, target, eot):
+    """What the export does beyond the logits, printed after it: generate()'s defaults, and how fine-tuning it
+    in transformers differs from training in tinymoe (the docstring says why)."""
+    lines = [f"generate(): sample.py's defaults (do_sample=True, temperature={sample.temperature}, "
+             f"top_k={sample.top_k}, max_new_tokens={sample.max_new_tokens}), stops at end-of-text (id {eot}); "
+             f"the tokenizer pads with end-of-text, on the left"]
+    if target == "mixtral" and cfg.balance == "switch":
+        exact = ("exact (one MoE layer)" if cfg.n_layer == 1 else  # every layer of a Mixtral is MoE
+                 f"exact for one MoE layer only: over these {cfg.n_layer} transformers pools the layers' counts and "
+                 f"probabilities before the product, tinymoe averages per-layer losses (see export.py's docstring)")
+        lines += [f"fine-tuning: router_aux_loss_coef = aux_loss_coef / top_k = {cfg.aux_loss_coef / cfg.top_k:g}, "
+                  f"{exact}",
+                  "fine-tuning: output_router_logits is False in config.json, so model(..., labels=...) returns the "
+                  "cross-entropy alone, without the load-balancing loss, unless output_router_logits=True"]
+    if target == "glm4_moe":
+        lines.append("fine-tuning: Glm4MoeForCausalLM has no load-balancing loss, and nothing updates "
+                     "e_score_correction_bias (the aux_free bias) as tinymoe's training does")
+    if cfg.n_experts > 0 and cfg.z_loss_coef > 0:
+        lines.append(f"fine-tuning: transformers has no router z-loss (tinymoe's z_loss_coef={cfg.z_loss_coef:g})")
+    return lines
+
+
+def current_umask():
+    mask = os.umask(0o022)  # reading the umask means setting it
+    os.umask(mask)
+    return mask
+
+
 @torch.no_grad()
 def max_logits_diff(model, hf_model, idx):
     """max |tinymoe logits - transformers logits| over every position of idx (B, T)."""
@@ -251,7 +322,8 @@ def max_logits_diff(model, hf_model, idx):
 
 
 def export(out_dir, to, overwrite=False):
-    """Write out_dir/ckpt.pt as a transformers folder `to`; return (class name, max logits difference)."""
+    """Write out_dir/ckpt.pt as a transformers folder `to`; return (class name, max logits difference,
+    the summary's lines)."""
     model, spec = load_model(os.path.join(out_dir, "ckpt.pt"))
     cfg = model.config
     target = hf_target(cfg)  # refuses before transformers is even needed
@@ -262,6 +334,7 @@ def export(out_dir, to, overwrite=False):
     enc = encoding(spec)
     config = hf_config(transformers, cfg, target, enc.eot_token)
     hf_model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    hf_model.generation_config = hf_generation_config(transformers, enc.eot_token)
     try:
         hf_model.load_state_dict(hf_state_dict(model, target), strict=True)
     except RuntimeError as e:
@@ -280,13 +353,15 @@ def export(out_dir, to, overwrite=False):
             raise UserError(f"the exported {type(loaded).__name__} computes logits {diff:.2e} away from tinymoe's "
                             f"(transformers {transformers.__version__}); nothing written. Please report this")
         os.makedirs(to, exist_ok=True)
+        mode = 0o666 & ~current_umask()  # safetensors writes its file 0600: give every file a new file's mode
         for name in os.listdir(tmp):
+            os.chmod(os.path.join(tmp, name), mode)
             os.replace(os.path.join(tmp, name), os.path.join(to, name))
     except OSError as e:
         raise UserError(f"could not write {to}: {e.strerror or e}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return type(loaded).__name__, diff
+    return type(loaded).__name__, diff, summary(cfg, target, enc.eot_token)
 
 
 def main(argv):
@@ -296,9 +371,10 @@ def main(argv):
         return
     try:
         cfg = SimpleNamespace(**configure(argv, defaults))
-        name, diff = export(cfg.out_dir, cfg.to, cfg.overwrite)
+        name, diff, notes = export(cfg.out_dir, cfg.to, cfg.overwrite)
         print(f"wrote {cfg.to or os.path.join(cfg.out_dir, 'hf')}: {name}, loaded back by transformers, "
               f"max |logits difference| {diff:.1e} against tinymoe (float32)")
+        print("\n".join(f"  {line}" for line in notes))
     except UserError as e:
         sys.exit(f"error: {e}")
 

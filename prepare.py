@@ -23,6 +23,23 @@ where it stopped when the command is run again, and each must add up to the size
 Local files (--input) are read whole; documents are separated by <|endoftext|> (as in TinyStories)
 and the last val_fraction of them is held out (a single document is cut at a line break).
 
+A mirror (--url=BASE) must hold the corpus's files under their own names, fetched as BASE/NAME:
+TinyStoriesV2-GPT4-train.txt and TinyStoriesV2-GPT4-valid.txt (tinystories, tinystories_slice),
+input.txt (shakespeare). It need not answer range requests: for the slice, a whole file sent is read
+up to slice_mb.
+
+TinyStories files already on disk: put them, or links to them, in data_root/_downloads/ under those
+names; the named corpus then uses them as they are, without downloading. The train file's slice has a
+name of its own, with the slice's size in bytes, and must hold only the file's first slice_mb MB:
+    mkdir -p data/_downloads && cd data/_downloads
+    ln -s /path/to/TinyStoriesV2-GPT4-train.txt /path/to/TinyStoriesV2-GPT4-valid.txt .
+    head -c 20000000 TinyStoriesV2-GPT4-train.txt > TinyStoriesV2-GPT4-train.txt.first-20000000-bytes
+    cd ../..
+    python prepare.py                                               # the whole of TinyStories
+    python prepare.py --corpus=tinystories_slice --vocab_size=4096  # its first 20 MB (slice_mb=20)
+(--input=/path/to/TinyStoriesV2-GPT4-train.txt would also work, but reads the 2 GB into memory and
+validates on its last val_fraction instead of on the valid file.)
+
 Each document is followed by the end-of-text token in the .bin files; tokens are uint16 when the
 vocabulary fits, else uint32. The tokenizer is GPT-2's (tiktoken: it fetches its files once, so
 offline it needs TIKTOKEN_CACHE_DIR), or with --vocab_size a byte-level BPE trained here on the
