@@ -24,6 +24,8 @@ is written into the repository (the data cost's token file goes to a temporary f
 --json_path if given.
 """
 
+import guard  # isort: skip  (first: from here on a Ctrl-C or SIGTERM exits quietly, never a traceback)
+
 import json
 import multiprocessing
 import os
@@ -35,18 +37,14 @@ import time
 from dataclasses import asdict, replace
 from types import SimpleNamespace
 
-try:  # Ctrl-C while the libraries load (torch takes a second or two): as quiet as at any other moment
-    import numpy as np
-    import torch
+import numpy as np
+import torch
 
-    from configurator import UserError, check, check_choice, configure, usage
-    from model import GPT, GPTConfig, count_params, flops_per_token, match_dense
-    from report import flops_text
-    from runtime import check_device, compile_model, device_name, keep_freed_memory, peak_flops, use_compile
-    from train import get_batch  # what the data cost measures
-except KeyboardInterrupt:
-    print("interrupted", file=sys.stderr)
-    sys.exit(130)
+from configurator import UserError, check, check_choice, configure, usage
+from model import GPT, GPTConfig, count_params, flops_per_token, match_dense
+from report import flops_text
+from runtime import check_device, compile_model, device_name, keep_freed_memory, peak_flops, use_compile
+from train import get_batch  # what the data cost measures
 
 # -----------------------------------------------------------------------------
 quick = False  # small shapes (4 layers, 2048 tokens a step) for a quick CPU check
@@ -356,4 +354,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    guard.run_main(main)

@@ -18,6 +18,8 @@ knob can be given too (--max_iters=..., --device=...; `python train.py --help` l
 every run.
 """
 
+import guard  # isort: skip  (first: from here on a Ctrl-C or SIGTERM exits quietly, never a traceback)
+
 import itertools
 import os
 import re
@@ -28,15 +30,11 @@ import time
 from dataclasses import dataclass, field, replace
 from types import SimpleNamespace
 
-try:  # Ctrl-C while the libraries load (torch takes a second or two): as quiet as at any other moment
-    import train
-    from configurator import UserError, check, check_choice, configure, usage
-    from prepare import PLAIN_NAME
-    from report import point_label, routing_history, write_expert_load, write_report
-    from runtime import ROOT, duration, read_log
-except KeyboardInterrupt:
-    print("interrupted", file=sys.stderr)
-    sys.exit(130)
+import train
+from configurator import UserError, check, check_choice, configure, usage
+from prepare import PLAIN_NAME
+from report import point_label, routing_history, write_expert_load, write_report
+from runtime import ROOT, duration, read_log
 
 # -----------------------------------------------------------------------------
 name = ""  # out/<name>/ holds the runs and the report; default: the config file's name (+ the sweep)
@@ -293,4 +291,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    guard.run_main(main)

@@ -57,24 +57,22 @@ safetensors 0.8.0 (the versions CI pins), whose MoE classes keep experts stacked
 gate_up_proj (E, 2H, C) and down_proj (E, C, H).
 """
 
+import guard  # isort: skip  (first: from here on a Ctrl-C or SIGTERM exits quietly, never a traceback)
+
 import os
 import shutil
 import sys
 import warnings
 from types import SimpleNamespace
 
-try:  # Ctrl-C while the libraries load (torch takes a second or two): as quiet as at any other moment
-    import torch
-    import torch.nn.functional as F
+import torch
+import torch.nn.functional as F
 
-    import sample  # its sampling defaults become generate()'s
-    from configurator import UserError, configure, usage
-    from model import GPT, GPTConfig
-    from prepare import encoding
-    from runtime import load_checkpoint, load_weights
-except KeyboardInterrupt:
-    print("interrupted", file=sys.stderr)
-    sys.exit(130)
+import sample  # its sampling defaults become generate()'s
+from configurator import UserError, configure, usage
+from model import GPT, GPTConfig
+from prepare import encoding
+from runtime import load_checkpoint, load_weights
 
 INSTALL_HINT = "pip install transformers==5.24.0 safetensors==0.8.0"
 CHECK_TOLERANCE = 1e-3  # max |logits difference| (float32) above which the export is a bug, not rounding
@@ -380,4 +378,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    guard.run_main(main)

@@ -48,6 +48,8 @@ tiktoken.Encoding. The dataset is written into a temporary folder and renamed in
 complete, so a run killed at any moment leaves the old dataset or the new one, never a mix.
 """
 
+import guard  # isort: skip  (first: from here on a Ctrl-C or SIGTERM exits quietly, never a traceback)
+
 import base64
 import heapq
 import http.client
@@ -55,7 +57,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import sys
 import time
 import urllib.error
@@ -64,16 +65,12 @@ from collections import Counter
 from contextlib import contextmanager
 from multiprocessing import Pool
 
-try:  # Ctrl-C while the libraries load (torch takes a second or two): as quiet as at any other moment
-    import numpy as np
-    import regex
-    import tiktoken
-    from tqdm import tqdm
+import numpy as np
+import regex
+import tiktoken
+from tqdm import tqdm
 
-    from configurator import UserError, check, configure, usage
-except KeyboardInterrupt:
-    print("interrupted", file=sys.stderr)
-    sys.exit(130)
+from configurator import UserError, check, configure, usage
 
 EOT = "<|endoftext|>"
 TINYSTORIES_URL = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/"
@@ -445,7 +442,7 @@ def write_dataset(folder, train_docs, val_docs, source, vocab_size):
     if vocab_size:
         t = time.time()
         # pre-tokenize and count words in parallel, 256 documents a task; Ctrl-C is the main process's to handle
-        with Pool(initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN)) as pool:
+        with Pool(initializer=guard.worker_signals) as pool:
             counts = Counter()
             for c in pool.imap_unordered(count_words, chunks(fresh(train_docs), 256)):
                 counts.update(c)
@@ -578,4 +575,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    guard.run_main(main)

@@ -6,22 +6,20 @@ Sample text from a trained model, or show which experts the tokens of a prompt a
     python sample.py --help    # every knob, its default and what it does
 """
 
+import guard  # isort: skip  (first: from here on a Ctrl-C or SIGTERM exits quietly, never a traceback)
+
 import math
 import sys
 import time
 from collections import Counter, defaultdict
 from types import SimpleNamespace
 
-try:  # Ctrl-C while the libraries load (torch takes a second or two): as quiet as at any other moment
-    import torch
+import torch
 
-    from configurator import UserError, check, configure, usage
-    from model import GPT, GPTConfig
-    from prepare import encoding
-    from runtime import check_device, load_checkpoint, load_weights, pick_device
-except KeyboardInterrupt:
-    print("interrupted", file=sys.stderr)
-    sys.exit(130)
+from configurator import UserError, check, configure, usage
+from model import GPT, GPTConfig
+from prepare import encoding
+from runtime import check_device, load_checkpoint, load_weights, pick_device
 
 # -----------------------------------------------------------------------------
 out_dir = "out"  # the run whose out_dir/ckpt.pt to load
@@ -147,4 +145,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    guard.run_main(main)

@@ -13,6 +13,8 @@ Every knob below (and every GPTConfig field in model.py) can be set by a config 
 Relative paths (config files, out_dir, data_root) are taken from the current directory.
 """
 
+import guard  # isort: skip  (first: from here on a Ctrl-C or SIGTERM exits quietly, never a traceback)
+
 import json
 import math
 import os
@@ -24,42 +26,38 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 from types import SimpleNamespace
 
-try:  # Ctrl-C while the libraries load (torch takes a second or two): as quiet as at any other moment
-    import numpy as np
-    import torch
-    from tqdm import tqdm
+import numpy as np
+import torch
+from tqdm import tqdm
 
-    from configurator import UserError, check, check_choice, overrides, usage
-    from model import GPT, GPTConfig, count_params, flops_per_token, match_dense, model_fields
-    from prepare import CORPORA, PLAIN_NAME, encoding, load_spec
-    from report import flops_text, param_table
-    from runtime import (
-        StopFlag,
-        append_log,
-        check_device,
-        check_out_dir,
-        code_version,
-        compile_model,
-        device_name,
-        duration,
-        end_processes,
-        finite_state,
-        keep_freed_memory,
-        load_checkpoint,
-        load_weights,
-        out_dir_lock,
-        peak_flops,
-        print0,
-        setup_system,
-        truncate_log,
-        use_compile,
-        wrap_ddp,
-        write_checkpoint,
-        write_log,
-    )
-except KeyboardInterrupt:
-    print("interrupted", file=sys.stderr)
-    sys.exit(130)
+from configurator import UserError, check, check_choice, overrides, usage
+from model import GPT, GPTConfig, count_params, flops_per_token, match_dense, model_fields
+from prepare import CORPORA, PLAIN_NAME, encoding, load_spec
+from report import flops_text, param_table
+from runtime import (
+    StopFlag,
+    append_log,
+    check_device,
+    check_out_dir,
+    code_version,
+    compile_model,
+    device_name,
+    duration,
+    end_processes,
+    finite_state,
+    keep_freed_memory,
+    load_checkpoint,
+    load_weights,
+    out_dir_lock,
+    peak_flops,
+    print0,
+    setup_system,
+    truncate_log,
+    use_compile,
+    wrap_ddp,
+    write_checkpoint,
+    write_log,
+)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 GPT2_VOCAB = 50257  # tokens of GPT-2's tokenizer, prepare.py's default
@@ -702,4 +700,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    guard.run_main(main)
