@@ -21,6 +21,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+import guard
 from configurator import UserError
 from model import GPTConfig
 
@@ -259,30 +260,13 @@ def write_checkpoint(path, about, model, optimizer, progress, data_rng, system):
 
 
 def save_checkpoint(path, state):
-    """Write atomically: a temp file in the same folder, flushed to disk, then renamed over path,
-    so a crash or a full disk at any point leaves the previous checkpoint whole."""
-    tmp = f"{path}.tmp{os.getpid()}"
+    """Write through guard.write_file (a temp file in the same folder, flushed, renamed over path), so a crash
+    or a full disk at any point leaves the previous checkpoint whole."""
     try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-        try:
-            os.fsync(folder)  # make the rename itself durable
-        finally:
-            os.close(folder)
-    except (OSError, RuntimeError) as e:
-        # a write that fails inside torch.save (a full disk) ends in a RuntimeError raised while handling the OSError
-        error = next((x for x in (e, e.__context__) if isinstance(x, OSError)), None)
-        if error is None:
-            raise
+        guard.write_file(path, lambda f: torch.save(state, f))
+    except OSError as e:
         kept = "the previous checkpoint is intact" if os.path.exists(path) else "no checkpoint was written"
-        raise UserError(f"could not write checkpoint {path} ({error.strerror or error}); {kept}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        raise UserError(f"could not write checkpoint {path} ({e.strerror or e}); {kept}") from None
 
 
 def load_checkpoint(path):
@@ -350,6 +334,7 @@ def read_log(path):
 
 
 def append_log(path, record):
+    """Add one record: appended, not rewritten (a line cut by a kill is dropped by read_log)."""
     try:
         with open(path, "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -358,19 +343,11 @@ def append_log(path, record):
 
 
 def write_log(path, records):
-    """Replace a log with records, atomically (a temp file renamed over it): a kill leaves the old or the new."""
-    tmp = f"{path}.tmp{os.getpid()}"
+    """Replace a log with records, through guard.write_file: a kill leaves the old or the new."""
     try:
-        with open(tmp, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in records)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        guard.write_text(path, "".join(json.dumps(r) + "\n" for r in records))
     except OSError as e:
         raise UserError(f"could not write {path} ({e.strerror})") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def truncate_log(path, iter_num, evaluated):
@@ -452,17 +429,20 @@ def out_dir_lock(out_dir):
 
 
 def check_out_dir(ckpt_path, fresh_start, overwrite):
-    """Refuse to overwrite another run's checkpoint by accident; with overwrite, remove it (so that a run
-    killed before its first checkpoint leaves no mix of the old run's checkpoint and the new run's log);
-    remove the temp files of checkpoint and log writes that a killed run left behind. Called with out_dir
-    locked."""
-    if fresh_start and os.path.exists(ckpt_path) and not overwrite:
-        raise UserError(f"{ckpt_path} exists: continue it with --init_from=resume, or start over with "
-                        f"--overwrite=True")
+    """Refuse to overwrite another run by accident: its checkpoint, or its metrics.jsonl alone (a run killed
+    before its first checkpoint); with overwrite, remove both (so that a run killed before its first checkpoint
+    leaves no mix of the old run and the new one); remove the temp files of writes that a killed run left
+    behind. Called with out_dir locked."""
+    log_path = os.path.join(os.path.dirname(ckpt_path), "metrics.jsonl")
+    earlier = [p for p in (ckpt_path, log_path) if os.path.exists(p)] if fresh_start else []
+    if earlier and not overwrite:
+        resume = "continue it with --init_from=resume, or " if os.path.exists(ckpt_path) else ""
+        raise UserError(f"{earlier[0]} exists (an earlier run): {resume}start over with --overwrite=True")
     try:
-        if fresh_start and os.path.exists(ckpt_path):
-            os.remove(ckpt_path)
-        for stale in glob.glob(os.path.join(os.path.dirname(ckpt_path), "*.tmp[0-9]*")):
+        for path in earlier:
+            os.remove(path)
+        for stale in glob.glob(os.path.join(os.path.dirname(ckpt_path), "*.tmp[0-9]*")):  # before guard.write_file
             os.remove(stale)
+        guard.remove_leftovers(os.path.dirname(ckpt_path) or ".")
     except OSError as e:
         raise UserError(f"cannot remove {e.filename}: {e.strerror}") from None

@@ -447,7 +447,8 @@ def train(cfg, given=None):
     Stopped once its checkpoint is written (a second one at once, with KeyboardInterrupt; see StopFlag)."""
     check_knobs(cfg)
     hold = not cfg.dry_run and int(os.environ.get("RANK", 0)) == 0
-    with out_dir_lock(cfg.out_dir) if hold else nullcontext(), StopFlag() as stop:
+    with out_dir_lock(cfg.out_dir) if hold else nullcontext(), StopFlag() as stop, \
+            guard.phase("training", "lower batch_size, block_size or the model (n_layer, n_embd, n_experts)"):
         return run_training(cfg, given, stop)
 
 
@@ -519,6 +520,10 @@ def setup(cfg, given, stop):
     stop.checkpoint = f"{ckpt_path} (iteration {state['iter_num']})" if state is not None else "none"
     if state is not None:
         resume_config(cfg, state, given, ckpt_path)
+        done = state["iter_num"] > cfg.max_iters or (state["iter_num"] == cfg.max_iters
+                                                     and state["evaluated_iter"] == cfg.max_iters)
+        check(not done, f"{ckpt_path} is at iteration {state['iter_num']} already, max_iters={cfg.max_iters}: "
+                        f"nothing to train; give a larger --max_iters to continue it")
     configured, model_config, match, vocab_source = resolve_models(cfg, data_dir, state)
     print0(param_table(models_involved(configured, match)))
     if configured.n_experts > 0:
@@ -546,7 +551,8 @@ def setup(cfg, given, stop):
         check_out_dir(ckpt_path, state is None, cfg.overwrite)
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every process
-    raw_model = GPT(model_config).to(device)
+    with guard.phase("building the model", "lower n_layer, n_embd, n_experts, expert_hidden or vocab_size"):
+        raw_model = GPT(model_config).to(device)
     optimizer = raw_model.configure_optimizer(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
                                               device.type)
     data_rng = torch.Generator().manual_seed(cfg.seed + system.rank)  # the order of the training batches
