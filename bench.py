@@ -54,6 +54,7 @@ compile = "auto"  # torch.compile the models (fullgraph), as train.py does: "aut
 repeats = 7  # timed steps per model, each alternating with one of the dense-active model's (at least 1)
 warmup = 10  # untimed steps per model first: compilation; on CPU in bf16 oneDNN compiles kernels for new shapes (>= 0)
 json_path = ""  # also write the results to this JSON file, for tools: --json_path=bench.json
+overwrite = False  # let json_path replace an existing file
 # -----------------------------------------------------------------------------
 KEYS = [k for k, v in list(globals().items()) if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
 
@@ -68,6 +69,13 @@ def check_knobs(cfg):
     folder = os.path.dirname(os.path.abspath(cfg.json_path)) if cfg.json_path else ""
     check(not cfg.json_path or os.path.isdir(folder) and not os.path.isdir(cfg.json_path),
           f"json_path must name a file in an existing folder, got {cfg.json_path!r}")
+    check(not cfg.json_path or cfg.overwrite or not os.path.exists(cfg.json_path),
+          f"json_path {cfg.json_path} exists: replace it with --overwrite=True, or give another path")
+    if cfg.json_path:  # before the minutes of timing, not after
+        try:
+            guard.check_writable(folder)
+        except OSError as e:
+            raise UserError(f"json_path {cfg.json_path} cannot be written: {e.strerror}") from None
 
 
 def shapes(quick):
@@ -316,9 +324,9 @@ def run(cfg):
     print(f"data: get_batch takes {data_s * 1000:.2f} ms = {data_s / (results[0]['ms_per_step'] / 1000):.2%} "
           f"of a dense-active step")
     if cfg.json_path:
-        with open(cfg.json_path, "w") as f:
-            json.dump({"machine": machine, "torch": torch.__version__, "batch_size": batch_size, "peak": peak_note,
-                       "model": asdict(moe), "data_ms": data_s * 1000, "rows": results}, f, indent=2)
+        guard.write_text(cfg.json_path, json.dumps({
+            "machine": machine, "torch": torch.__version__, "batch_size": batch_size, "peak": peak_note,
+            "model": asdict(moe), "data_ms": data_s * 1000, "rows": results}, indent=2))
     return results
 
 

@@ -59,6 +59,7 @@ gate_up_proj (E, 2H, C) and down_proj (E, C, H).
 
 import guard  # isort: skip  (first: from here on a Ctrl-C or SIGTERM exits quietly, never a traceback)
 
+import glob
 import os
 import shutil
 import sys
@@ -329,6 +330,15 @@ def export(out_dir, to, overwrite=False):
     to = to or os.path.join(out_dir, "hf")
     if os.path.isdir(to) and os.listdir(to) and not overwrite:
         raise UserError(f"{to} is not empty: choose another --to, or replace its files with --overwrite=True")
+    parent = os.path.dirname(os.path.abspath(to))
+    try:  # before the minutes of building and checking the export
+        guard.check_writable(parent)
+    except OSError as e:
+        raise UserError(f"cannot write {to}: {e.strerror}") from None
+    for stale in glob.glob(f"{glob.escape(to.rstrip(os.sep))}.tmp[0-9]*"):  # of a killed export (its pid gone)
+        pid = stale.rsplit(".tmp", 1)[1]
+        if pid.isdigit() and not guard.alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
     enc = encoding(spec)
     config = hf_config(transformers, cfg, target, enc.eot_token)
     hf_model = transformers.AutoModelForCausalLM.from_config(config).eval()

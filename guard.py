@@ -201,14 +201,14 @@ def remove_leftovers(folder):
     for name in os.listdir(folder):
         if name.startswith(TMP_PREFIX):
             pid = name[len(TMP_PREFIX):].split("-", 1)[0]
-            if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            if pid.isdigit() and int(pid) != os.getpid() and not alive(int(pid)):
                 try:
                     os.remove(os.path.join(folder, name))
                 except OSError:
                     pass
 
 
-def _alive(pid):
+def alive(pid):
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

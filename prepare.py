@@ -407,10 +407,7 @@ def write_tokens(docs, enc, path, dtype, batch_docs=4096):
 
 
 def write_json(obj, path, **kwargs):
-    with open(path, "w") as f:
-        json.dump(obj, f, **kwargs)
-        f.flush()
-        os.fsync(f.fileno())
+    guard.write_text(path, json.dumps(obj, **kwargs))
 
 
 def prepare(out_dir, train_docs, val_docs, source, vocab_size=0):

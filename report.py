@@ -6,12 +6,14 @@ experiment.py runs the protocol and hands the finished runs (experiment.Run) her
 """
 
 import csv
+import io
 import os
 import platform
 import statistics
 
 import torch
 
+import guard
 from configurator import UserError
 from model import GPTConfig, count_params
 from runtime import ROOT, code_version, read_log
@@ -166,8 +168,7 @@ def write_report(cfg, runs, points, exp_dir, wall_s, argv):
                   "coefficient of variation of the load.", ""] + [f"![{p}]({p})" for p in loads]
     write_csv(runs, exp_dir)
     lines += ["", "All numbers above come from the runs' own metrics.jsonl files; curves.csv has every evaluation."]
-    with open(os.path.join(exp_dir, "report.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+    guard.write_text(os.path.join(exp_dir, "report.md"), "\n".join(lines) + "\n")
     return os.path.join(exp_dir, "report.md")
 
 
@@ -241,11 +242,12 @@ def sweep_lines(runs, points, models):
 
 
 def write_csv(runs, exp_dir):
-    with open(os.path.join(exp_dir, "curves.csv"), "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["model", "point", "seed", "iter", "tokens", "val_loss"])
-        for r in runs:
-            writer.writerows([r.model, point_label(r.point), r.seed, it, tokens, v] for tokens, it, v in r.curve)
+    text = io.StringIO()
+    writer = csv.writer(text)
+    writer.writerow(["model", "point", "seed", "iter", "tokens", "val_loss"])
+    for r in runs:
+        writer.writerows([r.model, point_label(r.point), r.seed, it, tokens, v] for tokens, it, v in r.curve)
+    guard.write_text(os.path.join(exp_dir, "curves.csv"), text.getvalue())
 
 
 # -----------------------------------------------------------------------------
@@ -279,7 +281,7 @@ def write_plots(runs, points, models, exp_dir):
         if fig.axes[0].lines or fig.axes[0].containers:  # something was drawn
             fig.axes[0].legend()
             fig.tight_layout()
-            fig.savefig(os.path.join(exp_dir, filename), dpi=120)
+            save_figure(fig, os.path.join(exp_dir, filename))
             written.append(filename)
         plt.close(fig)
     first_seeds = {}  # MoE variant -> its first run with routing records
@@ -290,7 +292,7 @@ def write_plots(runs, points, models, exp_dir):
         name = os.path.basename(run.out_dir)
         filename = f"expert_load_{name}.png"
         fig = plot_expert_load(plt, run.routing, name)
-        fig.savefig(os.path.join(exp_dir, filename), dpi=120)
+        save_figure(fig, os.path.join(exp_dir, filename))
         plt.close(fig)
         written.append(filename)
     return written
@@ -407,6 +409,11 @@ def write_expert_load(run_dir):
         raise UserError("--plot_run draws with matplotlib: pip install matplotlib")
     fig = plot_expert_load(plt, history, os.path.basename(os.path.normpath(run_dir)))
     path = os.path.join(run_dir, "expert_load.png")
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
     plt.close(fig)
     return path
+
+
+def save_figure(fig, path):
+    """A PNG, through guard.write_file (a plot half written by a kill is never left)."""
+    guard.write_file(path, lambda f: fig.savefig(f, format="png", dpi=120))
