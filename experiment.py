@@ -15,12 +15,18 @@ Runs go to out/<name>/<model>-s<seed>/ (with any sweep values in the name; out/ 
 directory), each with its train.log; finished runs are skipped and interrupted ones resumed, so the same
 command continues an experiment. Progress and the time left are printed at least every minute. Any train.py
 knob can be given too (--max_iters=..., --device=...; `python train.py --help` lists them): it applies to
-every run.
+every run; out_dir, init_from, overwrite and dry_run are the experiment's to set, and refused.
+
+Each run folder records the settings that made it (the start record of its metrics.jsonl). Running the same
+--name again with different settings is refused, naming the knob, rather than reporting the old runs as the
+new: of the settings, only max_iters may differ, and only upwards (a larger max_iters continues finished
+runs), and so may the knobs that change how a run is carried out but not what it learns: RUN_FREE_KEYS.
 """
 
 import guard  # isort: skip  (first: from here on a Ctrl-C or SIGTERM exits quietly, never a traceback)
 
 import itertools
+import json
 import os
 import re
 import signal
@@ -31,7 +37,7 @@ from dataclasses import dataclass, field, replace
 from types import SimpleNamespace
 
 import train
-from configurator import UserError, check, check_choice, configure, usage
+from configurator import UserError, check, check_choice, configure, overrides, usage
 from prepare import PLAIN_NAME
 from report import point_label, routing_history, write_expert_load, write_report
 from runtime import ROOT, duration, read_log
@@ -86,6 +92,42 @@ class Run:
     seconds: float = 0.0  # from the first log record to the last
 
 
+REFUSED_KEYS = ("out_dir", "init_from", "overwrite", "dry_run")  # train.py knobs that plan() sets for each run
+# train.py knobs that change how a run is carried out, not what it learns: a rerun may change them
+RUN_FREE_KEYS = ("out_dir", "init_from", "overwrite", "data_root", "device", "dtype", "compile", "log_interval",
+                 "max_bad_steps", "dry_run")
+
+
+def set_keys(argv, defaults):
+    """The keys that argv's config files and --key=value arguments set."""
+    return set(overrides(argv, defaults))
+
+
+def settings(args):
+    """The train.py config that a run's arguments make, as its metrics.jsonl records it (JSON: tuples as lists)."""
+    return json.loads(json.dumps(configure(args, train.defaults())))
+
+
+def check_recorded(runs, exp_dir):
+    """Refuse to take a run folder made with other settings for one of these runs: which knob differs, and how
+    to start fresh. max_iters may grow (a finished run continues), never fall below what a run has trained."""
+    for run in runs:
+        start = next((r for r in run_log(run) if r.get("event") == "start"), None) if os.path.isdir(run.out_dir) \
+            else None
+        if start is None or not isinstance(start.get("config"), dict):
+            continue
+        recorded, wanted = start["config"], settings(run.args)
+        differ = [k for k in wanted if k not in RUN_FREE_KEYS and k != "max_iters" and k in recorded
+                  and recorded[k] != wanted[k]]
+        fresh = f"give this experiment another --name, or delete {exp_dir} to retrain it"
+        check(not differ, f"{run.out_dir} was trained with "
+                          f"{', '.join(f'{k}={recorded[k]!r}' for k in differ)}, not "
+                          f"{', '.join(f'{k}={wanted[k]!r}' for k in differ)}: {fresh}")
+        check(run.max_iters >= logged_iter(run), f"{run.out_dir} has trained {logged_iter(run)} iterations, more "
+                                                 f"than max_iters={run.max_iters}: max_iters may grow, not shrink; "
+                                                 f"{fresh}")
+
+
 def parse_sweep(text, defaults):
     """'a=1,2;b=x' -> [{'a': 1, 'b': 'x'}, {'a': 2, 'b': 'x'}], each value parsed and checked as the
     configurator parses --key=value (so a misspelt key or a wrong type stops here, not mid-experiment)."""
@@ -97,7 +139,15 @@ def parse_sweep(text, defaults):
         if not eq or not values or not key.strip():
             raise UserError(f"sweep expects key=v1,v2[;key2=w1,w2], got {part!r}")
         key = key.strip()
-        axes.append([(key, configure([f"--{key}={v.strip()}"], defaults)[key]) for v in values.split(",")])
+        check(key not in [axis[0][0] for axis in axes], f"sweep sets {key} twice: give its values once, "
+                                                        f"comma-separated")
+        axis = [(key, configure([f"--{key}={v.strip()}"], defaults)[key]) for v in values.split(",")]
+        check(key in train.defaults() and key not in (*REFUSED_KEYS, "seed", "match"),
+              f"sweep over {key!r}: only train.py's knobs can be swept, and not out_dir, init_from, overwrite, "
+              f"dry_run, seed (use --seeds) or match (use --match)")
+        same = [v for i, (_, v) in enumerate(axis) if v in [w for _, w in axis[:i]]]
+        check(not same, f"sweep gives {key}={same[0]!r} twice: each point once")
+        axes.append(axis)
     return [dict(point) for point in itertools.product(*axes)]
 
 
@@ -164,10 +214,12 @@ def execute(runs, jobs):
     running = []  # (run, process, start time)
     try:
         run_pending(runs, jobs, running)
-    except KeyboardInterrupt:
-        stop_runs([proc for _, proc, _ in running])
-        raise KeyboardInterrupt("the runs in progress stopped with a checkpoint: run the same command again "
-                                "to continue") from None
+    except BaseException as e:  # a Ctrl-C, SIGTERM (run_main makes it one), a failed run, a closed stdout...
+        stop_runs([proc for _, proc, _ in running])  # ...leaves no training running
+        if isinstance(e, KeyboardInterrupt):
+            raise KeyboardInterrupt("the runs in progress stopped with a checkpoint: run the same command again "
+                                    "to continue") from None
+        raise
 
 
 def run_pending(runs, jobs, running):
@@ -185,12 +237,13 @@ def run_pending(runs, jobs, running):
         steps = done_steps + sum(logged_iter(r) - first[r.out_dir] for r, _, _ in running)
         return progress(done_runs, len(todo), steps, total, time.time() - t_start)
 
-    queue = list(todo)
+    queue, log_start = list(todo), {}
     while queue or running:
         while queue and len(running) < jobs:
             run = queue.pop(0)
             os.makedirs(run.out_dir, exist_ok=True)
             log = open(os.path.join(run.out_dir, "train.log"), "a")
+            log_start[run.out_dir] = log.tell()  # a failure is reported from what this run wrote, not earlier ones
             print(f"start {run.label} seed {run.seed} ({len(todo) - len(queue)} of {len(todo)}, log in "
                   f"{run.out_dir}/train.log): {' '.join(command(run)[1:])}")
             running.append((run, subprocess.Popen(command(run), stdout=log, stderr=subprocess.STDOUT, env=env,
@@ -203,9 +256,12 @@ def run_pending(runs, jobs, running):
             running.remove(item)
             if proc.returncode != 0:
                 stop_runs([other for _, other, _ in running])
-                tail = open(os.path.join(run.out_dir, "train.log")).read().strip().splitlines()[-1:]
-                raise UserError(f"run {run.out_dir} failed ({tail[0] if tail else 'no output'}); fix it and run the "
-                                f"same command again to continue")
+                with open(os.path.join(run.out_dir, "train.log"), errors="replace") as f:
+                    f.seek(log_start[run.out_dir])
+                    tail = f.read().strip().splitlines()[-1:]
+                said = tail[0] if tail else f"exit status {proc.returncode}, no output"
+                raise UserError(f"run {run.out_dir} failed ({said}); fix it and run the same command again to "
+                                f"continue")
             done_steps += run.max_iters - first[run.out_dir]
             done_runs += 1
             print(f"done  {run.label} seed {run.seed} in {duration(time.time() - t0)}; {standing()}")
@@ -268,17 +324,25 @@ def main(argv):
         config_name = os.path.splitext(os.path.basename(files[0]))[0] if files else "default"
         exp_dir = os.path.join("out", cfg.name or "_".join(filter(None, [config_name, sweep_name])))
         # every run gets the config files and the train.py knobs given here, plus its own overrides
+        refused = [k for k in REFUSED_KEYS if k in set_keys(argv, defaults)]
+        check(not refused, f"{refused[0]} is set by experiment.py for each run (out/<name>/<run>, resumed when "
+                           f"unfinished): leave it out, and name the experiment with --name")
         own_keys = (*EXPERIMENT_KEYS, "out_dir", "seed", "match", "init_from", "overwrite")
         train_args = files + [a for a in argv if a.startswith("--") and a[2:].split("=")[0] not in own_keys]
         points = parse_sweep(cfg.sweep, vars(cfg))
         check_knobs(cfg, points)
-        data_dir = os.path.join(cfg.data_root, cfg.dataset)
-        if cfg.vocab_size == 0:
-            cfg.vocab_size = train.load_meta(data_dir, cfg.dataset)["vocab_size"]
         runs = plan(cfg, points, train_args, exp_dir)
+        for point in points:  # every point's dataset (a swept one too) must be there and fit its model
+            at = SimpleNamespace(**{**vars(cfg), **point})
+            data_dir = os.path.join(at.data_root, at.dataset)
+            if at.vocab_size == 0:
+                at.vocab_size = train.load_meta(data_dir, at.dataset)["vocab_size"]
+            train.load_data(at.dataset, data_dir, configured_model(at), None)
+        cfg.vocab_size = cfg.vocab_size or train.load_meta(os.path.join(cfg.data_root, cfg.dataset),
+                                                           cfg.dataset)["vocab_size"]
         for r in runs:  # every variant must be a valid model that can be matched, before any training
             configured_model(cfg, match_of(r.model), **r.overrides)
-        train.load_data(cfg.dataset, data_dir, configured_model(cfg), None)  # its files, checked once for all runs
+        check_recorded(runs, exp_dir)
         t0 = time.time()
         if not cfg.report_only:
             execute(runs, cfg.jobs)
