@@ -42,7 +42,12 @@ def check_choice(name, value, allowed):
 def coerce(key, value, default):
     """value converted to the type of default, or UserError naming the key."""
     if isinstance(default, str):
-        return value if isinstance(value, str) else str(value)
+        if isinstance(value, os.PathLike):
+            value = os.fspath(value)
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # dataset = 2024 in a config file: the folder "2024"
     if isinstance(default, bool):
         if isinstance(value, bool):
             return value
@@ -55,7 +60,9 @@ def coerce(key, value, default):
     elif isinstance(default, (tuple, list)):
         if isinstance(value, (tuple, list)):
             return tuple(value)
-    raise UserError(f"{key} expects {kind(default)} (like {default!r}), got {value!r}")
+    shown = repr(value) if isinstance(value, (int, float, str, bool, tuple, list, type(None))) else \
+        f"{type(value).__name__} {getattr(value, '__name__', '')}".rstrip()  # a function, a class: no address
+    raise UserError(f"{key} expects {kind(default)} (like {default!r}), got {shown}")
 
 
 def check_key(key, defaults):
@@ -77,8 +84,10 @@ def apply_file(path, defaults, config):
     except Exception as e:
         raise UserError(f"error in config file {path}: {type(e).__name__}: {e}") from None
     for key, value in namespace.items():
-        if key.startswith("_") or key == "include" or callable(value) or type(value).__name__ == "module":
+        if key.startswith("_") or key == "include":
             continue
+        if (callable(value) or type(value).__name__ == "module") and key not in defaults:
+            continue  # a helper the file defines or imports
         check_key(key, defaults)
         config[key] = coerce(key, value, defaults[key])
 

@@ -484,7 +484,7 @@ def run_training(cfg, given, stop):
                 print0(f"iter {it}: non-finite loss or gradient, step skipped ({bad_steps} in a row)")
                 if bad_steps >= cfg.max_bad_steps:
                     raise UserError(diverged(f"{bad_steps} steps in a row had a non-finite loss or gradient, "
-                                             f"stopping", stop.checkpoint))
+                                             f"stopping", stop.checkpoint, vars(cfg)))
             progress.iter_num = it = it + 1
             bar.update(1)
 
@@ -594,7 +594,7 @@ def evaluate_and_checkpoint(run, cfg, stop):
                                  system.device, system.autocast)
     if not math.isfinite(val_loss):  # not a new best, and no reason to checkpoint
         raise UserError(diverged(f"iteration {it}: validation loss is non-finite ({val_loss}), not "
-                                 f"checkpointed", stop.checkpoint))
+                                 f"checkpointed", stop.checkpoint, vars(cfg)))
     check_finite(run, it, stop)
     routing = routing_summary(run.raw_model, routing)
     progress.best_val_loss, progress.evaluated_iter = min(progress.best_val_loss, val_loss), it
@@ -612,7 +612,7 @@ def check_finite(run, it, stop):
     """Stop before a checkpoint would save non-finite weights or optimizer state."""
     if not finite_state(run.raw_model, run.optimizer):
         raise UserError(diverged(f"iteration {it}: non-finite weights or optimizer state, not checkpointed",
-                                 stop.checkpoint))
+                                 stop.checkpoint, run.about["config"]))
 
 
 def optimizer_step(run, cfg, it):
@@ -677,9 +677,28 @@ def launcher():
         ["torchrun", "--standalone", f"--nproc_per_node={world}", sys.argv[0]]
 
 
-def diverged(what, last_good):
-    """The line a diverging run stops with: what went wrong and the checkpoint to resume from."""
-    return f"{what}. Last good checkpoint: {last_good}. Try a lower learning_rate"
+# knobs that can make a run diverge, each with the value above which it is the likelier cause: ten times what
+# the recipes use (config/*.py; DeepSeek-V3's 1e-3 bias step); grad_clip 0 (off) and balance are checked apart
+DIVERGENCE_KNOBS = {"learning_rate": 1e-2, "aux_loss_coef": 0.1, "z_loss_coef": 1e-2, "bias_update_rate": 1e-2}
+
+
+def likely_cause(config):
+    """The knob that most likely made a run diverge: the one furthest past its DIVERGENCE_KNOBS value, else
+    grad_clip if clipping is off, else learning_rate (the usual cause)."""
+    ratios = {k: config.get(k, 0) / limit for k, limit in DIVERGENCE_KNOBS.items()
+              if k != "bias_update_rate" or config.get("balance") == "aux_free"}
+    knob = max(ratios, key=ratios.get)
+    if ratios[knob] > 1:
+        return f"{knob} ({config[knob]:g}) is high: lower it"
+    if config.get("grad_clip", 1) == 0:
+        return "grad_clip=0 turns clipping off: try --grad_clip=1.0"
+    return "try a lower learning_rate"
+
+
+def diverged(what, last_good, config):
+    """The line a diverging run stops with: what went wrong, the checkpoint to resume from, the likely knob."""
+    cause = likely_cause(config)
+    return f"{what}. Last good checkpoint: {last_good}. {cause[0].upper()}{cause[1:]}"
 
 
 def main(argv):
