@@ -51,6 +51,8 @@ complete, so a run killed at any moment leaves the old dataset or the new one, n
 import guard  # isort: skip  (first: from here on a Ctrl-C or SIGTERM exits quietly, never a traceback)
 
 import base64
+import codecs
+import hashlib
 import heapq
 import http.client
 import json
@@ -73,6 +75,7 @@ from tqdm import tqdm
 from configurator import UserError, check, configure, usage
 
 EOT = "<|endoftext|>"
+MIN_SPLIT_TOKENS = 2  # a split must hold one block of train.py's smallest block_size (1) and its target
 TINYSTORIES_URL = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/"
 TINYSTORIES = (TINYSTORIES_URL + "TinyStoriesV2-GPT4-train.txt", TINYSTORIES_URL + "TinyStoriesV2-GPT4-valid.txt")
 CORPORA = {  # name: (train file URL, validation file URL or None: hold out val_fraction of the train file)
@@ -127,12 +130,16 @@ def check_knobs(cfg):
 # Getting text
 
 
-def download(url, dest, limit=0):
+def download(url, dest, limit=0, text=False):
     """Fetch url (only its first `limit` bytes if limit > 0) to dest with a progress bar, resuming a
-    partial download (dest + '.part'). The bytes received must add up to the size the server announced."""
+    partial download (dest + '.part'). The bytes received must add up to the size the server announced; a web
+    page, an empty body, a malformed header or (text) a body that is not UTF-8 text is refused and not kept."""
+    part = dest + ".part"
+    if os.path.exists(dest) and text and open(dest, "rb").read(512).lstrip().lower().startswith(
+            (b"<!doctype html", b"<html")):  # a web page an older version kept: fetch the file again
+        os.remove(dest)
     if os.path.exists(dest):
         return
-    part = dest + ".part"
     have = os.path.getsize(part) if os.path.exists(part) else 0
     if limit and have >= limit:  # complete, but killed before the rename
         os.replace(part, dest)
@@ -154,7 +161,10 @@ def download(url, dest, limit=0):
                             f"{int(start[1]):,}; delete {part} to download the file whole")
     else:  # the whole file: start over (and stop at limit)
         have = 0
-    announced = int(response.headers.get("Content-Length", 0))
+    announced = header_number(response, "Content-Length", url, part)
+    kind = response.headers.get("Content-Type", "")
+    if "html" in kind.lower():  # an error or login page served with status 200: not the file
+        refuse_download(url, part, f"the server sent a web page ({kind}), not the text file")
     total = min(have + announced, limit or have + announced) if announced else limit  # 0: unknown
     try:
         with open(part, "ab" if have else "wb") as f, tqdm(
@@ -167,9 +177,53 @@ def download(url, dest, limit=0):
             os.fsync(f.fileno())
     except (OSError, http.client.HTTPException) as e:
         raise UserError(download_stopped(url, e)) from None
-    if announced and os.path.getsize(part) != total:
-        raise UserError(download_stopped(url, f"got {os.path.getsize(part):,} of the {total:,} bytes announced"))
+    got = os.path.getsize(part)
+    if got == 0:
+        refuse_download(url, part, "the server sent an empty body")
+    if announced and got != total:
+        raise UserError(download_stopped(url, f"got {got:,} of the {total:,} bytes announced"))
+    if text:
+        check_downloaded_text(url, part, whole=not limit)
     os.replace(part, dest)
+
+
+def header_number(response, name, url, part):
+    """A whole-number header (0 if absent); a malformed one refuses the download."""
+    text = response.headers.get(name)
+    if text is None:
+        return 0
+    if not text.strip().isdigit():
+        refuse_download(url, part, f"its {name} header is not a number: {text[:40]!r}")
+    return int(text)
+
+
+def refuse_download(url, part, reason):
+    """A download that is not the file: nothing of it is kept (so the next run fetches it afresh), UserError."""
+    if os.path.exists(part):
+        os.remove(part)
+    raise UserError(f"download of {url} refused: {reason}; nothing was kept. Check --url, or tokenize local "
+                    f"text files instead: python prepare.py --input=FILE.txt --name=NAME")
+
+
+def check_downloaded_text(url, part, whole):
+    """The download must be UTF-8 text, not a web page: checked before it is kept or tokenized (a slice, not
+    whole, may end inside a character)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    with open(part, "rb") as f:
+        head = f.read(512).lstrip().lower()
+        if head.startswith((b"<!doctype html", b"<html")):
+            refuse_download(url, part, "the server sent a web page, not the text file")
+        f.seek(0)
+        offset = 0
+        try:
+            while block := f.read(1 << 24):
+                decoder.decode(block)
+                offset += len(block)
+            decoder.decode(b"", final=whole)
+        except UnicodeDecodeError as e:
+            refuse_download(url, part, f"the file is not UTF-8 text (bad byte near offset {offset + e.start:,})")
+        if b"\x00" in head:
+            refuse_download(url, part, "the file is binary (NUL bytes), not text")
 
 
 def download_failed(url, reason):
@@ -190,16 +244,18 @@ def corpus_documents(corpus_name, base_url, downloads, slice_bytes, val_fraction
     paths = [os.path.join(downloads, u.rsplit("/", 1)[1]) for u in urls]
     source = list(urls)
     if corpus_name == "tinystories_slice":
+        check(slice_bytes >= 1, "--slice_mb rounds to 0 bytes: give at least 0.000001 (one byte), or use "
+                                "--corpus=tinystories for the whole file")
         paths[0] += f".first-{slice_bytes}-bytes"
-        download(urls[0], paths[0], limit=slice_bytes)
+        download(urls[0], paths[0], limit=slice_bytes, text=True)
         train = slice_documents(paths[0], slice_bytes)
         source[0] += f" (its first {slice_bytes:,} bytes, cut after the last whole story)"
     else:
-        download(urls[0], paths[0])
+        download(urls[0], paths[0], text=True)
         train = lambda: stream_documents(paths[0])
     if len(urls) == 1:
         return *split_train_val(documents(read_text(paths[0])), val_fraction), source
-    download(urls[1], paths[1])
+    download(urls[1], paths[1], text=True)
     return train, lambda: stream_documents(paths[1]), source
 
 
@@ -237,9 +293,14 @@ def read_text(path):
 
 
 def read_documents(paths):
-    """The documents of some local text files, each file checked before anything else happens."""
-    docs = []
+    """The documents of some local text files, each file checked before anything else happens; a file given
+    twice (by two names or two copies) is refused, as it would put training text into the validation split."""
+    docs, seen = [], {}
     for path in paths:
+        key = hashlib.sha256(open(path, "rb").read()).hexdigest() if os.path.isfile(path) else path
+        check(key not in seen, f"--input gives the same text twice ({seen.get(key)} and {path}): its validation "
+                               f"split would be training text; give each file once")
+        seen[key] = path
         file_docs = documents(read_text(path))
         if not file_docs:
             raise UserError(f"input file holds no text besides <|endoftext|> separators: {path}")
@@ -267,10 +328,14 @@ def stream_documents(path, chunk_chars=1 << 24):
 
 
 def split_train_val(docs, val_fraction):
-    """Hold out the last val_fraction of the documents; a single document is cut at a line break."""
+    """Hold out the last val_fraction of the documents; a single document is cut at a line break. Validation
+    documents that all occur in the training ones (a text repeated) are refused: the loss would measure recall."""
     if len(docs) >= 2:
         n_val = min(len(docs) - 1, max(1, round(len(docs) * val_fraction)))
-        return docs[:-n_val], docs[-n_val:]
+        train, val = docs[:-n_val], docs[-n_val:]
+        check(not set(val) <= set(train), "every validation document also occurs in the training text (the same "
+                                          "text given twice?): the validation loss would measure recall")
+        return train, val
     text = docs[0]
     cut = text.rfind("\n", 0, int(len(text) * (1 - val_fraction)))
     cut = cut if cut > 0 else int(len(text) * (1 - val_fraction))
@@ -413,7 +478,7 @@ def write_json(obj, path, **kwargs):
 def prepare(out_dir, train_docs, val_docs, source, vocab_size=0):
     """Tokenize train_docs and val_docs (iterables, or callables returning a fresh iterable when the BPE
     trainer needs a first pass) into the dataset folder out_dir, replacing it atomically; return meta."""
-    out_dir = os.path.abspath(out_dir)
+    out_dir = os.path.realpath(out_dir)  # a symlinked dataset folder: replace the folder it points to, keep the link
     new, old = partner(out_dir, "new"), partner(out_dir, "old")
     with dataset_lock(out_dir):
         recover(out_dir)
@@ -456,6 +521,10 @@ def write_dataset(folder, train_docs, val_docs, source, vocab_size):
     meta.update(vocab_size=enc.n_vocab, eot_token=enc.eot_token, dtype=np.dtype(dtype).name)
     meta["train_tokens"] = write_tokens(fresh(train_docs), enc, os.path.join(folder, "train.bin"), dtype)
     meta["val_tokens"] = write_tokens(fresh(val_docs), enc, os.path.join(folder, "val.bin"), dtype)
+    for split in ("train", "val"):  # train.py draws blocks of block_size + 1 tokens, block_size >= 1
+        check(meta[f"{split}_tokens"] >= MIN_SPLIT_TOKENS,
+              f"the {split} split holds {meta[f'{split}_tokens']} token(s), too few to draw one block from: give "
+              f"more text" + (" or a larger --val_fraction" if split == "val" else ""))
     write_json(meta, os.path.join(folder, "meta.json"), indent=2)
     fsync_dir(folder)
     return meta
