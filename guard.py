@@ -66,10 +66,8 @@ def phase(what, knobs):
     'out of memory while <what>: lower <knobs>'."""
     previous = list(_phase)
     _phase[:] = [what, knobs]
-    try:
-        yield
-    finally:
-        _phase[:] = previous
+    yield  # an error inside leaves the phase named, for run_main to report
+    _phase[:] = previous
 
 
 def is_out_of_memory(e):
