@@ -146,7 +146,8 @@ def parse_sweep(text, defaults):
               f"sweep over {key!r}: only train.py's knobs can be swept, and not out_dir, init_from, overwrite, "
               f"dry_run, seed (use --seeds) or match (use --match)")
         same = [v for i, (_, v) in enumerate(axis) if v in [w for _, w in axis[:i]]]
-        check(not same, f"sweep gives {key}={same[0]!r} twice: each point once")
+        if same:
+            raise UserError(f"sweep gives {key}={same[0]!r} twice: each point once")
         axes.append(axis)
     return [dict(point) for point in itertools.product(*axes)]
 
@@ -325,8 +326,9 @@ def main(argv):
         exp_dir = os.path.join("out", cfg.name or "_".join(filter(None, [config_name, sweep_name])))
         # every run gets the config files and the train.py knobs given here, plus its own overrides
         refused = [k for k in REFUSED_KEYS if k in set_keys(argv, defaults)]
-        check(not refused, f"{refused[0]} is set by experiment.py for each run (out/<name>/<run>, resumed when "
-                           f"unfinished): leave it out, and name the experiment with --name")
+        if refused:
+            raise UserError(f"{refused[0]} is set by experiment.py for each run (out/<name>/<run>, resumed when "
+                            f"unfinished): leave it out, and name the experiment with --name")
         own_keys = (*EXPERIMENT_KEYS, "out_dir", "seed", "match", "init_from", "overwrite")
         train_args = files + [a for a in argv if a.startswith("--") and a[2:].split("=")[0] not in own_keys]
         points = parse_sweep(cfg.sweep, vars(cfg))

@@ -75,7 +75,7 @@ from tqdm import tqdm
 from configurator import UserError, check, configure, usage
 
 EOT = "<|endoftext|>"
-MIN_SPLIT_TOKENS = 2  # a split must hold one block of train.py's smallest block_size (1) and its target
+MIN_SPLIT_TOKENS = 9  # a split must hold one block of 8 tokens and its target: no smaller block is worth training
 TINYSTORIES_URL = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/"
 TINYSTORIES = (TINYSTORIES_URL + "TinyStoriesV2-GPT4-train.txt", TINYSTORIES_URL + "TinyStoriesV2-GPT4-valid.txt")
 CORPORA = {  # name: (train file URL, validation file URL or None: hold out val_fraction of the train file)
@@ -151,7 +151,8 @@ def download(url, dest, limit=0, text=False):
         if e.code == 416 and have:  # range not satisfiable: the partial file is already whole
             os.replace(part, dest)
             return
-        raise UserError(download_failed(url, f"HTTP {e.code} {e.reason}")) from None
+        reason = str(e.reason).splitlines()[0] if str(e.reason) else ""  # a redirect loop's is several lines
+        raise UserError(download_failed(url, f"HTTP {e.code} {reason}")) from None
     except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as e:
         raise UserError(download_failed(url, getattr(e, "reason", e))) from None
     if response.status == 206:  # the range we asked for; check it starts where the partial file ends
@@ -521,7 +522,7 @@ def write_dataset(folder, train_docs, val_docs, source, vocab_size):
     meta.update(vocab_size=enc.n_vocab, eot_token=enc.eot_token, dtype=np.dtype(dtype).name)
     meta["train_tokens"] = write_tokens(fresh(train_docs), enc, os.path.join(folder, "train.bin"), dtype)
     meta["val_tokens"] = write_tokens(fresh(val_docs), enc, os.path.join(folder, "val.bin"), dtype)
-    for split in ("train", "val"):  # train.py draws blocks of block_size + 1 tokens, block_size >= 1
+    for split in ("train", "val"):  # train.py draws blocks of block_size + 1 tokens
         check(meta[f"{split}_tokens"] >= MIN_SPLIT_TOKENS,
               f"the {split} split holds {meta[f'{split}_tokens']} token(s), too few to draw one block from: give "
               f"more text" + (" or a larger --val_fraction" if split == "val" else ""))

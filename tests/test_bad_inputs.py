@@ -1223,7 +1223,7 @@ def test_prepare_refuses_data_that_cannot_validate(inputs, names, tmp_path, caps
     text = corpus_text(20_000)
     (tmp_path / "a.txt").write_text(text)
     (tmp_path / "copy.txt").write_text(text)
-    (tmp_path / "tiny.txt").write_text("x" * 50 + "\n")  # one line: its val split is empty
+    (tmp_path / "tiny.txt").write_text("Once upon a time.<|endoftext|>" * 3 + "End.")  # val: 5 tokens
     argv = [f"--input={','.join(str(tmp_path / i) for i in inputs)}", "--name=d", f"--data_root={tmp_path / 'data'}",
             "--vocab_size=260"]
     status, line, output = outcome(prepare.main, argv, capsys)

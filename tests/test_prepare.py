@@ -127,11 +127,12 @@ def test_several_input_files(tmp_path):
     paths = []
     for i in range(3):
         paths.append(tmp_path / f"part{i}.txt")
-        paths[-1].write_text(f"first of file {i}<|endoftext|>second of file {i}")
+        paths[-1].write_text(f"first of file {i}<|endoftext|>second of file {i}, long enough for a block")
     prepare.run(knobs(input=",".join(map(str, paths)), vocab_size=300, data_root=str(tmp_path)))
     # named after the first file; the last of the six documents is held out
-    assert decoded_documents(tmp_path / "part0", "train") == [f"{w} of file {i}" for i in range(3)
-                                                              for w in ("first", "second")][:5]
+    assert decoded_documents(tmp_path / "part0", "train") == [
+        f"first of file {i}" if w == "first" else f"second of file {i}, long enough for a block" for i in range(3)
+        for w in ("first", "second")][:5]
 
 
 @needs_gpt2
