@@ -307,6 +307,9 @@ def load_weights(model, state, path):
 # the metrics log, the stop flag, the output folder
 
 
+NUMBER_FIELDS = ("iter", "tokens", "loss", "val_loss", "best_val_loss", "time")  # of a metrics.jsonl record
+
+
 def read_log(path):
     """The records of a metrics.jsonl file; [] if there is none. A last line cut short (by a kill or a full
     disk mid-write) is dropped with a warning; any other line that is not a JSON record is a UserError."""
@@ -324,6 +327,11 @@ def read_log(path):
             record = json.loads(line)
         except ValueError:  # not JSON, or not UTF-8
             record = None
+        bad = [k for k in NUMBER_FIELDS if isinstance(record, dict) and k in record and not (
+            isinstance(record[k], (int, float)) and not isinstance(record[k], bool))]
+        if bad:
+            raise UserError(f"{path} line {number}: {bad[0]} is not a number ({record[bad[0]]!r}): repair or delete "
+                            f"that line")
         if isinstance(record, dict):
             records.append(record)
         elif number == len(lines):

@@ -1289,3 +1289,16 @@ def test_experiment_sigterm_stops_its_runs_with_a_checkpoint(data_root, tmp_path
     assert "stopped at iteration" in open(run / "train.log").read()
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)  # no training left running
+
+
+@pytest.mark.parametrize("record", [{"iter": "2", "val_loss": 5.0}, {"iter": 2, "val_loss": "low"},
+                                    {"iter": None, "loss": 1.0}, {"iter": 2, "time": True}])
+def test_malformed_numbers_in_a_log_record_are_one_line(record, data_root, trained, tmp_path, capsys):
+    out = spoiled_run(tmp_path, trained, None)
+    lines = open(out / "metrics.jsonl").read().splitlines()
+    lines.insert(1, json.dumps(record))
+    (out / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    before = snapshot(out)
+    status, line, output = outcome(train.main, [*BASE, f"--data_root={data_root}", f"--out_dir={out}",
+                                                "--init_from=resume", "--max_iters=4"], capsys)
+    check_refused(status, line, output, ["metrics.jsonl", "line 2", "not a number"], before, snapshot(out))
