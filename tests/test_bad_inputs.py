@@ -973,8 +973,8 @@ def raising(error):
 @pytest.mark.parametrize("error, status, words", [
     (OSError(errno.ENOSPC, "No space left on device", "out/ckpt.pt"), 1, ["cannot write out/ckpt.pt", "No space"]),
     (OSError(errno.EROFS, "Read-only file system", "out/report.md"), 1, ["cannot write out/report.md", "Read-only"]),
-    (PermissionError(errno.EACCES, "Permission denied", "data/x"), 1, ["data/x", "Permission denied"]),
-    (OSError(errno.ENOSPC, "No space left on device"), 1, ["No space left on device"]),
+    (PermissionError(errno.EACCES, "Permission denied", "data/x"), 1, ["cannot write data/x", "Permission denied"]),
+    (OSError(errno.ENOSPC, "No space left on device"), 1, ["cannot write", "No space left on device"]),
     (MemoryError(), 1, ["out of memory"]),
     (RuntimeError("[enforce fail at alloc_cpu.cpp:118] DefaultCPUAllocator: can't allocate memory"), 1,
      ["out of memory"]),
