@@ -353,7 +353,8 @@ def main(argv):
         return
     sys.stdout.reconfigure(line_buffering=True)  # each line as it is printed, into a file or pipe too
     try:
-        run(SimpleNamespace(**configure(argv, {k: globals()[k] for k in KEYS})))
+        with guard.phase("timing the models", "run with --quick=True, or on a device with more memory"):
+            run(SimpleNamespace(**configure(argv, {k: globals()[k] for k in KEYS})))
     except UserError as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:

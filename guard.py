@@ -20,7 +20,7 @@ import sys
 from contextlib import contextmanager
 
 TMP_PREFIX = ".tinymoe-tmp-"  # write_file's temporary files: a killed run's leftovers are recognisable by it
-_phase = ["starting", "lower the model or batch knobs"]  # what the script does now, for an out-of-memory line
+_phase = ["running", "lower the model or batch knobs"]  # what the script does now, for an out-of-memory line
 
 
 def _exit_at_once(signum, frame):

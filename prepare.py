@@ -629,7 +629,8 @@ def main(argv):
     try:
         cfg = configure(argv, defaults())
         check_knobs(cfg)
-        out_dir, meta = run(cfg)
+        with guard.phase("reading and tokenizing the text", "lower --vocab_size or --slice_mb, or split --input"):
+            out_dir, meta = run(cfg)
     except UserError as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:

@@ -116,7 +116,8 @@ def main(argv):
         check_knobs(cfg)
         prompt = read_prompt(cfg.start)
         device = pick_device(cfg.device)
-        model, tokenizer = load_model(cfg.out_dir, device)
+        with guard.phase("loading the model", "sample on --device=cpu, or on a machine with more memory"):
+            model, tokenizer = load_model(cfg.out_dir, device)
         ids = tokenizer.encode(prompt, allowed_special="all")
         if not ids:
             raise UserError("the prompt is empty")
