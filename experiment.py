@@ -118,7 +118,7 @@ def check_recorded(runs, exp_dir):
             continue
         recorded, wanted = start["config"], settings(run.args)
         differ = [k for k in wanted if k not in RUN_FREE_KEYS and k != "max_iters" and k in recorded
-                  and recorded[k] != wanted[k]]
+                  and recorded[k] != wanted[k] and not (k == "vocab_size" and wanted[k] == 0)]  # 0: the dataset's
         fresh = f"give this experiment another --name, or delete {exp_dir} to retrain it"
         check(not differ, f"{run.out_dir} was trained with "
                           f"{', '.join(f'{k}={recorded[k]!r}' for k in differ)}, not "

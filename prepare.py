@@ -52,6 +52,7 @@ import guard  # isort: skip  (first: from here on a Ctrl-C or SIGTERM exits quie
 
 import base64
 import codecs
+import errno
 import hashlib
 import heapq
 import http.client
@@ -450,6 +451,15 @@ def gpt2_encoding():
 
 def write_tokens(docs, enc, path, dtype, batch_docs=4096):
     """Encode documents (each followed by end-of-text) into a flat binary file; return the token count."""
+    try:
+        return write_token_file(docs, enc, path, dtype, batch_docs)
+    except OSError as e:  # numpy's tofile says "N requested and M written", without the file or errno
+        if e.errno is None and shutil.disk_usage(os.path.dirname(path)).free < 1 << 20:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path) from None
+        raise OSError(e.errno, e.strerror or str(e), path) from None
+
+
+def write_token_file(docs, enc, path, dtype, batch_docs):
     n, start, batch = 0, time.time(), []
     with open(path, "wb") as f:
         def flush():

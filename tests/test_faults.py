@@ -228,3 +228,46 @@ def test_two_processes_on_cpu(data_root, tmp_path):
     # resuming with another number of processes is refused with a clear line
     one_line_error(run_script(*train_cmd(data_root, resumed, "--max_iters=8", "--init_from=resume")[1:]),
                    "written by 2 process(es)")
+
+
+# -----------------------------------------------------------------------------
+# #23: OS errors on writes, in real processes: a full disk (a small tmpfs, as root) and a file-size limit
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 256 kB tmpfs (needs root; skipped where mount is refused)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here: the write errors are tested in-process (test_bad_inputs.py)")
+    yield disk
+    subprocess.run(["umount", str(disk)])
+
+
+@pytest.mark.slow
+def test_prepare_on_a_full_disk_is_one_line_and_leaves_nothing(small_disk, tmp_path):
+    text = tmp_path / "big.txt"
+    words = ["tiny", "model", "story", "learned", "every", "day", "and", "then", "slept"]
+    rng = random.Random(0)
+    text.write_text("\n".join(" ".join(rng.choice(words) for _ in range(12)) for _ in range(12_000)))
+    r = run_script("prepare.py", f"--input={text}", "--name=big", "--vocab_size=260", f"--data_root={small_disk}")
+    one_line_error(r, "No space left on device")
+    assert "big" in r.stderr and os.listdir(small_disk) in ([], [".big.lock"]), os.listdir(small_disk)
+
+
+@pytest.mark.slow
+def test_file_size_limit_during_a_checkpoint_keeps_nothing_half_written(data_root, tmp_path):
+    """RLIMIT_FSIZE (a quota's stand-in): the write fails with EFBIG, not SIGXFSZ's death; one line, no temp file."""
+    import resource
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+    out = tmp_path / "run"
+    r = subprocess.run(train_cmd(data_root, out, "--max_iters=2", "--eval_interval=2", "--n_embd=64",
+                                 "--expert_hidden=64"), cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       preexec_fn=limit)
+    one_line_error(r, "ckpt.pt")
+    assert "File too large" in r.stderr and not [n for n in os.listdir(out) if "tmp" in n], os.listdir(out)

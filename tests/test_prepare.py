@@ -290,6 +290,9 @@ def test_recover_finishes_or_undoes_a_swap(tmp_path):
     assert (out / "meta.json").read_text() == "old" and not old.exists()
 
 
+TEN_WORDS = "a b c d e f g h i j"  # enough tokens for one block of each split (prepare.MIN_SPLIT_TOKENS)
+
+
 @pytest.mark.slow
 def test_a_second_prepare_on_the_same_name_is_refused(tmp_path):
     hold = (f"import prepare, time\nwith prepare.dataset_lock({str(tmp_path / 'ds')!r}):\n"
@@ -297,17 +300,18 @@ def test_a_second_prepare_on_the_same_name_is_refused(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", hold], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline() == "locked\n"
     with pytest.raises(UserError, match="another prepare.py is writing"):
-        prepare.prepare(str(tmp_path / "ds"), ["a b"], ["c"], [], vocab_size=300)
+        prepare.prepare(str(tmp_path / "ds"), [TEN_WORDS], [TEN_WORDS[::-1]], [], vocab_size=300)
     holder.kill()
     holder.wait()
-    prepare.prepare(str(tmp_path / "ds"), ["a b"], ["c"], [], vocab_size=300)  # a dead holder's lock is gone
+    # the dead holder's lock is gone
+    prepare.prepare(str(tmp_path / "ds"), [TEN_WORDS], [TEN_WORDS[::-1]], [], vocab_size=300)
     assert sorted(os.listdir(tmp_path / "ds")) == ["meta.json", "tokenizer.json", "train.bin", "val.bin"]
 
 
 def test_refuses_to_replace_a_folder_holding_other_files(tmp_path):
     (tmp_path / "ds" / "raw").mkdir(parents=True)
     with pytest.raises(UserError, match=r"holds files prepare.py did not write \(raw\)"):
-        prepare.prepare(str(tmp_path / "ds"), ["a b"], ["c"], [], vocab_size=300)
+        prepare.prepare(str(tmp_path / "ds"), [TEN_WORDS], [TEN_WORDS[::-1]], [], vocab_size=300)
     assert os.listdir(tmp_path / "ds") == ["raw"] and not (tmp_path / ".ds.new").exists()
 
 
