@@ -3,6 +3,8 @@
 # are on the 5 MB of Shakespeare's plays, prepared this way):
 #   python prepare.py --corpus=shakespeare --vocab_size=2048
 #   python prepare.py --input=shakespeare.txt --name=shakespeare --vocab_size=2048
+# Its reference curve on tiny Shakespeare (3 seeds, what a healthy run looks like):
+# docs/results/cpu_moe_reference/README.md
 include("moe_e4k2.py")
 dataset = "shakespeare"
 out_dir = "out/cpu_moe"
