@@ -31,6 +31,7 @@ try:  # Ctrl-C while the libraries load (torch takes a second or two): as quiet 
 
     from configurator import UserError, check, check_choice, overrides, usage
     from model import GPT, GPTConfig, count_params, flops_per_token, match_dense, model_fields
+    from moe_kernels import grouped_note
     from prepare import CORPORA, PLAIN_NAME, encoding, load_spec
     from report import flops_text, param_table
     from runtime import (
@@ -563,7 +564,10 @@ def setup(cfg, given, stop):
         write_log(log_path, [{"event": "start", "time": time.time(), "code": code_version(), "config": vars(cfg),
                               "model_args": asdict(model_config), "params": count_params(model_config),
                               "flops_per_token": flops_per_token(model_config)}])
-    model = compile_model(raw_model) if use_compile(cfg.compile, device) else raw_model
+    compiled = use_compile(cfg.compile, device)
+    if note := grouped_note(model_config, device, system.dtype, compiled):  # moe_impl=grouped that cannot run here
+        print0(note)
+    model = compile_model(raw_model) if compiled else raw_model
     eval_model = model  # evaluation needs no gradient synchronisation
     if world > 1:
         model = wrap_ddp(model, device)

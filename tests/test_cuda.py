@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from conftest import ROOT
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import moe_kernels
 import runtime
 from configurator import UserError
 from model import GPT, GPTConfig, MoE
@@ -52,6 +53,33 @@ E4K2_WIDTHS = [256, 512, 512, 512, 512]  # n_embd and the expert hidden sizes of
 ])
 def test_dispatch_by_gpu_generation(device_type, capability, dtype, widths, n_experts, compiling, grouped):
     assert use_grouped_mm(device_type, capability, dtype, widths, n_experts, compiling) == grouped
+
+
+def test_windows_builds_take_the_loop_on_sm90(monkeypatch):
+    """torch's Windows builds have no grouped kernel: on 9.x/10.x GPUs "auto" takes the loop and "grouped" is
+    replaced by it."""
+    assert use_grouped_mm("cuda", (9, 0), BF16, E4K2_WIDTHS, 4, True)
+    monkeypatch.setattr(sys, "platform", "win32")
+    assert not use_grouped_mm("cuda", (9, 0), BF16, E4K2_WIDTHS, 4, True)
+    assert not use_grouped_mm("cuda", (10, 0), BF16, E4K2_WIDTHS, 16, True)
+    assert use_grouped_mm("cpu", None, BF16, E4K2_WIDTHS, 4, True)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_grouped_knob_where_grouped_mm_cannot_run(compiled):
+    """moe_impl=grouped compiled in fp32 (grouped_mm takes bf16 only there) or with rows not of 16 bytes runs
+    the loop, with the note train.py and sample.py print, rather than crash at the first forward."""
+    cfg = GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=32, n_experts=4, top_k=2,
+                    expert_hidden=18, moe_impl="grouped")  # 72-byte rows in fp32
+    assert "per-expert loop" in moe_kernels.grouped_note(cfg, torch.device("cpu"), FP32, compiled)
+    aligned = GPTConfig(**{**cfg.__dict__, "expert_hidden": 16})
+    assert (moe_kernels.grouped_note(aligned, torch.device("cpu"), FP32, compiled) is None) == (not compiled)
+    assert moe_kernels.grouped_note(aligned, torch.device("mps"), FP32, False) is not None
+    moe = MoE(cfg)
+    x = torch.randn(2, 8, 32)
+    y = moe(x)[0]  # grouped_mm itself would refuse the 72-byte rows
+    moe.config.moe_impl = "loop"
+    assert torch.equal(y, moe(x)[0])
 
 
 @pytest.mark.parametrize("dtype", [FP32, BF16])
