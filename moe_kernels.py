@@ -29,27 +29,30 @@ def dispatch(moe, x, weights, experts, load):
     guard = empty_groups_get_gradients(x.device)
     if dtype == x.dtype and multiple == 1 and not equal and not guard:
         return moe.dispatch_grouped(x, weights, experts, load)
-    token, gate, expert = moe.sort_by_expert(weights.to(dtype), experts)  # (N*K,) each
+    # the routing weights stay fp32: each slot is weighted and each token's K slots summed in fp32, as the loop
+    # does (a bf16 expert output times an fp32 weight, index_add_ into the fp32 residual stream's dtype)
+    token, gate, expert = moe.sort_by_expert(weights, experts)  # (N*K,) each
     if multiple > 1 or equal:
         token, gate, load = pad_groups(token, gate, expert, load, multiple, equal)
     # grouped_mm is not autocast-aware: cast x to the compute dtype before the gather, on N rows, not N*K
     xc = x.to(dtype)  # (N, C)
-    ys = moe.experts.grouped(xc.index_select(0, token), load, gate, expert_matmul(load, equal, guard))  # (N*K, C)
-    # (N, C) each token's K slots summed, in the compute dtype as torchtitan does (bf16 under autocast)
-    return torch.zeros_like(xc).index_add_(0, token, ys).to(x.dtype)
+    mm = expert_matmul(load, equal, guard, dtype)
+    ys = moe.experts.grouped(xc.index_select(0, token), load, gate, mm)  # (N*K, C), fp32 under autocast
+    return torch.zeros_like(x).index_add_(0, token, ys.to(x.dtype))  # (N, C)
 
 
-def expert_matmul(load, equal, guard):
+def expert_matmul(load, equal, guard, dtype):
     """The a (rows, in) @ w (E, in, out) per expert group that Experts.grouped runs, for groups of `load` (E,)
-    rows: grouped_mm, or with equal=True (every group the same size) one torch.bmm; the weights cast to a's
-    dtype, and with guard=True an expert with no rows given exact zero gradients."""
+    rows: grouped_mm, or with equal=True (every group the same size) one torch.bmm; a and the weights cast to
+    the compute dtype (a arrives in fp32 where the fp32 routing weight scaled it), and with guard=True an
+    expert with no rows given exact zero gradients."""
     offs = None if equal else load.cumsum(0).to(torch.int32)  # (E,) where each expert's group ends
     used = (load > 0)[:, None, None] if guard else None  # (E, 1, 1)
 
     def mm(a, w):
         if guard:  # its weights pass a where(), whose backward writes exact zeros where unused, NaN too
             w = torch.where(used, w, 0.0)
-        w = w.to(a.dtype)
+        a, w = a.to(dtype), w.to(dtype)
         if equal:  # (E*R, in) as (E, R, in) @ (E, in, out)
             return torch.bmm(a.view(w.shape[0], -1, a.shape[1]), w).flatten(0, 1)
         return F.grouped_mm(a, w, offs=offs)

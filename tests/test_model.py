@@ -304,6 +304,18 @@ def test_grouped_bf16_close_to_fp32():
     torch.testing.assert_close(y16.float(), y32, rtol=0.05, atol=0.02)
 
 
+def test_bf16_slots_weighted_and_summed_in_fp32_as_the_loop():
+    """Under bf16 autocast each token's K = 4 expert outputs are weighted by fp32 routing weights and summed in
+    fp32, as the loop does: with experts at least as wide as n_embd (weight after the last GEMM) the padded
+    grouped path on CPU equals the loop bit for bit (index_add_ sums a token's slots in expert order)."""
+    moe = MoE(toy(n_experts=4, top_k=4, expert_hidden=64, moe_impl="grouped"))
+    x = torch.randn(64, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, _, weights, experts = moe.route(x)
+        load = model.slots_per_expert(experts, 4)
+        assert torch.equal(moe_kernels.dispatch(moe, x, weights, experts, load), moe.dispatch_loop(x, weights, experts))
+
+
 @pytest.mark.parametrize("name", [n for n in VARIANTS if n.startswith("moe")])
 def test_padded_groups_change_nothing(name, monkeypatch):
     """Groups padded to a multiple of rows (CPU bf16 does it, for oneDNN's kernel cache; see
