@@ -408,20 +408,26 @@ class GPT(nn.Module):
         params = [p for p in self.parameters() if p.requires_grad]
         groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-        # fused AdamW (CUDA, CPU): one kernel for all parameters, on CPU ~5x the per-tensor loop's speed
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type in ("cuda", "cpu"))
+        # fused AdamW (CUDA, CPU, MPS): one kernel for all parameters, on CPU ~5x the per-tensor loop's speed; its
+        # step counters live beside the weights (unfused, they stay on the CPU: runtime.finite_state on MPS)
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type in ("cuda", "cpu", "mps"))
 
     @torch.no_grad()
-    def update_expert_bias(self, routing):
+    def update_expert_bias(self, routing, taken=None):
         """Loss-free balancing (Wang et al. 2024), after each optimizer step: bias_i += rate * sign(mean load -
-        load_i) in every MoE layer, the loads (stats["routing"] of the step) summed over processes too."""
+        load_i) in every MoE layer, the loads (stats["routing"] of the step) summed over processes too. taken: a
+        bool tensor, False for a step skipped on the device (the bias then stays exactly as it was)."""
         if self.config.balance != "aux_free" or not self.moe_layers:
             return
         load = torch.stack([counts["load"] for counts in routing])  # (n_moe_layers, E)
         if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(load)
+            on_host = load.device.type == "mps"  # gloo reduces CPU tensors (nccl CUDA ones)
+            reduced = load.cpu() if on_host else load
+            dist.all_reduce(reduced)
+            load = reduced.to(load.device)
         for moe, layer_load in zip(self.moe_layers, load):
-            moe.expert_bias += self.config.bias_update_rate * torch.sign(layer_load.mean() - layer_load)
+            step = self.config.bias_update_rate * torch.sign(layer_load.mean() - layer_load)
+            moe.expert_bias += step if taken is None else torch.where(taken, step, 0.0)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True):

@@ -182,6 +182,16 @@ def peak_flops(name, dtype):
     return peak, f"MFU against the dense bf16 peak of {name}: {peak / 1e12:.0f} TFLOP/s"
 
 
+def skips_on_device(optimizer):
+    """Whether optimizer.step() skips a step on the device, without a host sync, where optimizer.found_inf is 1:
+    fused AdamW on CUDA and CPU. torch's _fused_adamw (torch/optim/adam.py) adds 1 to every step counter, runs
+    the kernel, which returns untouched where found_inf is 1 (weights, moments), then subtracts found_inf from
+    the counters: all exactly as before. MPS's fused kernel takes found_inf but ignores it
+    (aten/src/ATen/native/mps/operations/FusedAdamWKernelImpl.mm): there train.py asks the host."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    return bool(optimizer.defaults.get("fused")) and all(p.device.type in ("cuda", "cpu") for p in params)
+
+
 def wrap_ddp(model, device):
     """The model wrapped for data parallelism. DDP would broadcast the buffers from rank 0 before every
     forward; they are equal on every process already (the aux_free bias is updated from every process's
@@ -235,9 +245,16 @@ def keep_freed_memory():
 
 def finite_state(model, optimizer):
     """Whether every weight, buffer and optimizer state is finite: a checkpoint must not hold anything else."""
+    return bool(finite_flag(model, optimizer))
+
+
+def finite_flag(model, optimizer):
+    """finite_state as one bool tensor on the weights' device, one host sync to read. Each tensor's flag is
+    moved there first: an unfused optimizer keeps its step counters on the CPU beside GPU (MPS) weights."""
     tensors = [*model.state_dict().values(),
                *(v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v))]
-    return bool(torch.stack([torch.isfinite(t).all() for t in tensors if t.is_floating_point()]).all())
+    device = next(model.parameters()).device
+    return torch.stack([torch.isfinite(t).all().to(device) for t in tensors if t.is_floating_point()]).all()
 
 
 def write_checkpoint(path, about, model, optimizer, progress, data_rng, system):
@@ -395,11 +412,11 @@ class StopFlag:
 
     def anywhere(self, system):
         """Whether any process was signalled. With several processes it is a collective that every process
-        calls after every step, so that all stop after the same one; its tensor is on the process's device,
-        as nccl reduces CUDA tensors only."""
+        calls after the same steps (train.py: at log lines), so that all stop after the same one; its tensor is
+        on the process's device, as nccl reduces CUDA tensors only, but on the CPU for MPS, as gloo needs."""
         if system.world == 1:
             return self.set
-        flag = torch.tensor(float(self.set), device=system.device)
+        flag = torch.tensor(float(self.set), device="cpu" if system.device.type == "mps" else system.device)
         dist.all_reduce(flag)
         return flag.item() > 0
 

@@ -361,3 +361,98 @@ def test_gpu_two_processes_with_nccl(tmp_path):
                                    "--balance=aux_free", "--gradient_accumulation_steps=2", processes=2)
     assert "2 process(es)" in r.stdout and [x["iter"] for x in evals] == [0, 10, 20]
     assert all(np.isfinite(x["loss"]) for x in steps)
+
+
+# -----------------------------------------------------------------------------
+# on CPU: Apple GPUs (MPS), and a training step without host syncs
+
+
+def test_finite_state_with_step_counters_on_another_device():
+    """An unfused AdamW keeps its step counters on the CPU beside GPU weights (MPS): the finite check before
+    every checkpoint moves each flag to the weights' device rather than stack two devices. The meta device
+    stands in for the GPU."""
+    model = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=32)).to("meta")
+    optimizer = torch.optim.AdamW(model.parameters(), fused=False)
+    for p in model.parameters():
+        optimizer.state[p] = {"step": torch.tensor(3.0), "exp_avg": torch.zeros_like(p)}
+    assert runtime.finite_flag(model, optimizer).device == torch.device("meta")
+
+
+def test_adamw_is_fused_on_mps_and_the_stop_flag_reduced_on_the_cpu(monkeypatch):
+    """On MPS, AdamW is fused (torch/utils/_foreach_utils.py lists mps), so its state lives beside the weights;
+    gloo, the process group there, reduces CPU tensors only."""
+    model = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=32))
+    assert model.configure_optimizer(0.1, 1e-3, (0.9, 0.95), "mps").defaults["fused"] is True
+    devices = record_collectives(monkeypatch)
+    with StopFlag() as stop, pytest.raises(AtCollective):
+        stop.anywhere(System(torch.device("mps"), FP32, nullcontext(), rank=0, world=2))
+    assert devices == [torch.device("cpu")]
+
+
+class CountSyncs:
+    """Counts the calls that read a tensor's value on the host (each one a host sync on a GPU)."""
+
+    def __init__(self, monkeypatch):
+        self.calls = Counter()
+        for name in ("item", "__bool__", "__float__", "__int__"):
+            original = getattr(torch.Tensor, name)
+            monkeypatch.setattr(torch.Tensor, name, lambda t, *a, _o=original, _n=name: self.note(_n) or _o(t, *a))
+
+    def note(self, name):
+        self.calls[name] += 1
+
+
+def tiny_run():
+    """The namespace train.optimizer_step reads, for a tiny aux_free MoE on CPU with 2 micro-steps; with
+    run.poisoned set, the loss, and so every gradient, is NaN. run.logits: a weak reference to each forward's
+    logits, which must be gone by the next forward."""
+    import weakref
+
+    import train
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=32, n_experts=4, top_k=2,
+                          expert_hidden=32, balance="aux_free"))
+    run = None
+
+    def forward(x, y):
+        assert all(ref() is None for ref in run.logits), "the last micro-step's logits are still alive"
+        logits, loss, stats = model(x, y)
+        run.logits.append(weakref.ref(logits))
+        return logits, loss * float("nan") if run.poisoned else loss, stats
+
+    run = train.SimpleNamespace(
+        model=forward, raw_model=model, optimizer=model.configure_optimizer(0.1, 1e-3, (0.9, 0.95), "cpu"),
+        train_data=np.arange(500, dtype=np.uint16) % 64, block_size=16, data_rng=torch.Generator().manual_seed(0),
+        accum=2, system=System(torch.device("cpu"), FP32, nullcontext(), rank=0, world=1), logits=[],
+        poisoned=False, bad=torch.zeros(3, dtype=torch.long))
+    cfg = train.SimpleNamespace(**{**train.defaults(), "batch_size": 2, "warmup_iters": 0})
+    return run, cfg
+
+
+def state_of(run):
+    """Weights, buffers and optimizer state, cloned."""
+    opt = [v.clone() for s in run.optimizer.state.values() for v in s.values()]
+    return [t.clone() for t in run.raw_model.state_dict().values()] + opt
+
+
+def test_skipped_step_changes_nothing_and_syncs_nothing(monkeypatch):
+    """A step with NaN gradients, skipped on the device (fused AdamW's found_inf), leaves weights, the aux_free
+    bias and the optimizer state (step counters included) bit for bit as they were; a finite step equals the
+    host-checked one bit for bit; neither reads a value on the host."""
+    import train
+    run, cfg = tiny_run()
+    reference, _ = tiny_run()
+    syncs = CountSyncs(monkeypatch)
+    assert bool(train.optimizer_step(run, cfg, 0)[2])  # a finite step, on the device
+    assert syncs.calls["__bool__"] == 1 and sum(syncs.calls.values()) == 1  # the assert's own
+    with monkeypatch.context() as m:  # the host-checked step, as before
+        m.setattr(train, "skips_on_device", lambda optimizer: False)
+        train.optimizer_step(reference, cfg, 0)
+    assert all(torch.equal(a, b) for a, b in zip(state_of(run), state_of(reference), strict=True))
+    before, run.poisoned = state_of(run), True
+    syncs.calls.clear()
+    finite = train.optimizer_step(run, cfg, 1)[2]
+    train.count_bad_step(run, finite)
+    assert sum(syncs.calls.values()) == 0
+    assert all(torch.equal(a, b) for a, b in zip(state_of(run), before, strict=True))
+    assert run.bad.tolist() == [1, 1, 1]  # read at the next log line (train.read_bad_steps)
