@@ -158,6 +158,20 @@ PEAK_BF16_FLOPS = {
     "NVIDIA L40S": 362e12,
     "NVIDIA GeForce RTX 4090": 165e12,  # with fp32 accumulation, as torch's bf16 matmuls use
     "NVIDIA GeForce RTX 3090": 71e12,  # idem
+    "NVIDIA GeForce RTX 5090": 209.5e12,  # idem (NVIDIA's RTX Blackwell GPU architecture whitepaper)
+    "NVIDIA H800": 989e12,  # H800 SXM5: the H100 SXM5's compute, less interconnect
+    "NVIDIA H800 PCIe": 756e12,
+    "NVIDIA A800-SXM4-80GB": 312e12,  # the A100's compute, less interconnect
+    "NVIDIA A800-SXM4-40GB": 312e12,
+    "NVIDIA A800 80GB PCIe": 312e12,
+    "NVIDIA A800 40GB PCIe": 312e12,
+    "NVIDIA B200": 2.25e15,  # HGX B200: 4.5 PFLOP/s dense FP8, half that in bf16
+    "NVIDIA GB200": 2.5e15,  # GB200 NVL72: 180 PFLOP/s dense bf16 over 72 GPUs
+}
+# Cards with no peak in the table on purpose, by a part of their name: the note says why.
+NO_PEAK = {
+    "B300": "Blackwell Ultra (B300, GB300): NVIDIA's dense bf16 figure for it was not checked here",
+    "B100": "B100: no dense bf16 figure was checked here",
 }
 
 
@@ -177,7 +191,8 @@ def peak_flops(name, dtype):
         precision = str(dtype).removeprefix("torch.")
         return None, f"MFU not shown: the peaks known are bf16 tensor-core ones, this run computes in {precision}"
     if name not in PEAK_BF16_FLOPS:
-        return None, f"MFU not shown: no peak for {name!r} in runtime.PEAK_BF16_FLOPS"
+        why = next((why for part, why in NO_PEAK.items() if part in name), "no peak in runtime.PEAK_BF16_FLOPS")
+        return None, f"MFU not shown for {name!r}: {why}"
     peak = PEAK_BF16_FLOPS[name]
     return peak, f"MFU against the dense bf16 peak of {name}: {peak / 1e12:.0f} TFLOP/s"
 
@@ -192,6 +207,18 @@ def skips_on_device(optimizer):
     return bool(optimizer.defaults.get("fused")) and all(p.device.type in ("cuda", "cpu") for p in params)
 
 
+def job_env(env, slot, jobs):
+    """The environment of a run in job slot `slot` of `jobs` (experiment.py --jobs=N): with several runs at
+    once and several CUDA GPUs visible, CUDA_VISIBLE_DEVICES names one GPU, slot mod their number, so that the
+    runs spread over the GPUs rather than all train on GPU 0."""
+    visible = env.get("CUDA_VISIBLE_DEVICES")
+    gpus = [g for g in visible.split(",") if g.strip()] if visible is not None else \
+        [str(i) for i in range(torch.cuda.device_count())]
+    if jobs == 1 or len(gpus) < 2:
+        return env
+    return {**env, "CUDA_VISIBLE_DEVICES": gpus[slot % len(gpus)].strip()}
+
+
 def wrap_ddp(model, device):
     """The model wrapped for data parallelism. DDP would broadcast the buffers from rank 0 before every
     forward; they are equal on every process already (the aux_free bias is updated from every process's
@@ -201,9 +228,15 @@ def wrap_ddp(model, device):
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, **{no_broadcast: False})
 
 
-def end_processes():
+def end_processes(together=True):
     """Finish every collective, then leave the process group: a group destroyed while its worker threads
-    still release tensors can deadlock. Free the DDP model first (its reducer holds the group)."""
+    still release tensors can deadlock. Free the DDP model first (its reducer holds the group). together=False:
+    this process stops on an error of its own while the others may wait in another collective: it leaves at
+    once, no barrier (which would wait for them until the nccl timeout, 10 minutes), and its exit makes
+    torchrun stop the others (its agent sends every worker SIGTERM once one fails, SIGKILL 30 s later:
+    torch/distributed/elastic/agent/server/local_elastic_agent.py, _shutdown)."""
+    if not together:
+        return
     dist.barrier()
     dist.destroy_process_group()
 

@@ -467,6 +467,7 @@ def run_training(cfg, given, stop):
                dynamic_ncols=True)
     clock = [time.time(), progress.iter_num]  # time and iteration of the last log line or evaluation
     first = progress.iter_num  # this process's first step compiles and warms up: it is not timed
+    together = False  # whether every process reached the end (or a stop) with this one
     try:
         while True:
             # --- evaluate and checkpoint, every eval_interval steps and at the end ---
@@ -500,13 +501,15 @@ def run_training(cfg, given, stop):
                 check_finite(run, it, stop)
                 write_checkpoint(run.ckpt_path, run.about, run.raw_model, run.optimizer, progress, run.data_rng,
                                  system)
+                together = True
                 raise Stopped(progress)
+        together = True
     finally:
         # --- finish ---
         bar.close()
         if system.world > 1:
             del run.model  # DDP's reducer holds the process group
-            end_processes()
+            end_processes(together)
     return progress
 
 

@@ -456,3 +456,34 @@ def test_skipped_step_changes_nothing_and_syncs_nothing(monkeypatch):
     assert sum(syncs.calls.values()) == 0
     assert all(torch.equal(a, b) for a, b in zip(state_of(run), before, strict=True))
     assert run.bad.tolist() == [1, 1, 1]  # read at the next log line (train.read_bad_steps)
+
+
+def test_a_failing_process_leaves_without_a_barrier(monkeypatch):
+    """A process that stops on an error of its own skips the final barrier, where it would wait for the others
+    until the nccl timeout: it exits, and torchrun stops the others."""
+    calls = []
+    monkeypatch.setattr(dist, "barrier", lambda: calls.append("barrier"))
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: calls.append("destroy"))
+    runtime.end_processes(together=False)
+    assert calls == []
+    runtime.end_processes(together=True)
+    assert calls == ["barrier", "destroy"]
+
+
+def test_parallel_runs_spread_over_the_gpus(monkeypatch):
+    """experiment.py --jobs=N: each run in job slot s sees one GPU, s mod their number."""
+    assert runtime.job_env({"CUDA_VISIBLE_DEVICES": "2,5"}, 0, 2)["CUDA_VISIBLE_DEVICES"] == "2"
+    assert runtime.job_env({"CUDA_VISIBLE_DEVICES": "2,5"}, 3, 4)["CUDA_VISIBLE_DEVICES"] == "5"
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert [runtime.job_env({}, s, 4)["CUDA_VISIBLE_DEVICES"] for s in range(4)] == ["0", "1", "2", "3"]
+    assert runtime.job_env({}, 0, 1) == {}  # one run at a time: every GPU, as before
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert runtime.job_env({}, 1, 2) == {}
+
+
+def test_peaks_of_newer_gpus():
+    """Blackwell, the export Hoppers and Amperes and the RTX 5090 have a peak, or a note saying why not."""
+    for name in ("NVIDIA B200", "NVIDIA GB200", "NVIDIA H800", "NVIDIA A800-SXM4-80GB", "NVIDIA GeForce RTX 5090"):
+        assert runtime.peak_flops(name, BF16)[0] > 100e12
+    peak, note = runtime.peak_flops("NVIDIA B300 SXM6 AC", BF16)
+    assert peak is None and "Blackwell Ultra" in note
