@@ -495,13 +495,14 @@ def flops_per_token(cfg):
 MIN_FFN_RATIO, MAX_FFN_RATIO = 1.0, 16.0  # a matched dense FFN stays within these multiples of n_embd
 
 
-def match_dense(moe_cfg, target="active", tolerance=0.005):
+def match_dense(moe_cfg, target="active", tolerance=0.005, multiple=1):
     """A dense GPTConfig whose parameter count (embeddings included) equals the MoE's active or total count;
     everything but width is copied. 1. Solve for the FFN hidden size alone (parameters are linear in it).
     2. If that FFN is narrower than MIN_FFN_RATIO or wider than MAX_FFN_RATIO times n_embd, change n_embd too
     with the FFN at that ratio (the quadratic, n_embd rounded to a multiple of 2 * n_head), then solve the FFN
     exactly for it. Rounding leaves under half an FFN unit (3 * n_embd * n_layer / 2), checked against
-    `tolerance` (relative)."""
+    `tolerance` (relative). multiple: round the FFN width to a multiple of it instead (8: rows of 16 bytes in
+    bf16, as tensor cores like; docs/gpu.md has the mismatch it costs for each config)."""
     if target not in ("active", "total"):
         raise ValueError(f"target must be 'active' or 'total', got {target!r}")
     goal = count_params(moe_cfg)[target]
@@ -511,7 +512,7 @@ def match_dense(moe_cfg, target="active", tolerance=0.005):
 
     def ffn_for(n_embd):
         base = count_params(replace(dense, n_embd=n_embd, ffn_hidden=1))["total"] - 3 * n_embd * L
-        return round((goal - base) / (3 * n_embd * L))
+        return multiple * round((goal - base) / (3 * n_embd * L * multiple))
 
     C = moe_cfg.n_embd
     H = ffn_for(C)

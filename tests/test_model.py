@@ -161,6 +161,14 @@ def test_match_dense(name, target):
     assert count_params(dense)["total"] == sum(p.numel() for p in GPT(dense).parameters())
 
 
+def test_match_dense_can_align_the_ffn():
+    """match_dense(multiple=8) rounds the FFN width to a multiple of 8, within the tolerance; by default the
+    width is the closest match (1025 here)."""
+    cfg = toy(vocab_size=50257, n_embd=256, n_head=8, n_layer=6, block_size=256, n_experts=4, top_k=2,
+              expert_hidden=512)
+    assert match_dense(cfg, "active").ffn_hidden == 1025 and match_dense(cfg, "active", multiple=8).ffn_hidden == 1024
+
+
 def test_match_dense_resizes_width_only_when_needed():
     moe = GPTConfig(vocab_size=4096, n_layer=6, n_head=8, n_embd=256, n_experts=4, top_k=2, expert_hidden=512)
     assert match_dense(moe, "total").n_embd == 256  # FFN alone suffices: attention identical
