@@ -143,7 +143,7 @@ def test_full_shapes_are_moe_e4k2s_with_its_training_batch():
 
 def test_dispatch_paths():
     """Both paths eagerly; compiled, the grouped GEMM only in bf16 (moe_kernels.grouped_mm_runs)."""
-    assert bench.dispatch_paths(torch.float32, True, torch.device("cpu"), (256, 130)) == ("loop",)
+    assert bench.dispatch_paths(torch.float32, False, torch.device("cpu"), (256, 130)) == ("loop",)  # 520-byte rows
     cpu, widths = torch.device("cpu"), (256, 512, 128)
     assert bench.dispatch_paths(torch.float32, False, cpu, widths) == ("grouped", "loop")
     assert bench.dispatch_paths(torch.float32, True, cpu, widths) == ("loop",)
