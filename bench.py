@@ -41,6 +41,7 @@ try:  # Ctrl-C while the libraries load (torch takes a second or two): as quiet 
 
     from configurator import UserError, check, check_choice, configure, usage
     from model import GPT, GPTConfig, count_params, flops_per_token, match_dense
+    from moe_kernels import cuda_capability, grouped_mm_runs
     from report import flops_text
     from runtime import check_device, compile_model, device_name, keep_freed_memory, peak_flops, use_compile
     from train import get_batch  # what the data cost measures
@@ -73,12 +74,13 @@ def check_knobs(cfg):
 
 
 def shapes(quick):
-    """(base MoE config, batch size): E4k2 at the quick shapes or at config/moe_e4k2.py's."""
+    """(base MoE config, batch size): E4k2 at the quick shapes or at config/moe_e4k2.py's, its training batch
+    included (tests/test_bench.py checks them against the config file)."""
     if quick:
         return GPTConfig(vocab_size=4096, block_size=256, n_layer=4, n_head=4, n_embd=256, n_experts=4, top_k=2,
                          expert_hidden=512), 8
     return GPTConfig(vocab_size=50257, block_size=256, n_layer=6, n_head=8, n_embd=256, n_experts=4, top_k=2,
-                     expert_hidden=512), 16
+                     expert_hidden=512), 64
 
 
 def bench_models(moe, impls):
@@ -93,11 +95,12 @@ def bench_models(moe, impls):
             for routing in (("real", "balanced") if cfg.n_experts else ("-",))]
 
 
-def dispatch_paths(dtype, compiled):
+def dispatch_paths(dtype, compiled, device, widths):
     """The MoE dispatch paths to time: grouped and loop, or the loop alone where torch's grouped GEMM cannot
-    run: compiled, it takes bf16 only (torch 2.13; see moe_kernels.use_grouped_mm). The benched widths are all
-    multiples of 16 bytes, as it needs."""
-    return ("grouped", "loop") if dtype == torch.bfloat16 or not compiled else ("loop",)
+    run (moe_kernels.grouped_mm_runs, the rule train.py and sample.py share: compiled, it takes bf16 only;
+    rows of 16 bytes; CPU or CUDA). widths: n_embd and the benched expert hidden sizes."""
+    runs = grouped_mm_runs(device.type, cuda_capability(device), dtype, list(widths), compiled)
+    return ("grouped", "loop") if runs else ("loop",)
 
 
 def force_balance(moe):
@@ -278,7 +281,7 @@ def run(cfg):
     dtype = getattr(torch, cfg.dtype)
     compiled = use_compile(cfg.compile, device)
     moe, batch_size = shapes(cfg.quick)
-    impls = dispatch_paths(dtype, compiled)
+    impls = dispatch_paths(dtype, compiled, device, (moe.n_embd, moe.expert_hidden, moe.expert_hidden // 4))
     models = bench_models(moe, impls)
     machine = device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     peak, peak_note = peak_flops(device_name(device), dtype)

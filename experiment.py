@@ -33,7 +33,7 @@ try:  # Ctrl-C while the libraries load (torch takes a second or two): as quiet 
     from configurator import UserError, check, check_choice, configure, usage
     from prepare import PLAIN_NAME
     from report import point_label, routing_history, write_expert_load, write_report
-    from runtime import ROOT, duration, read_log
+    from runtime import ROOT, duration, job_env, read_log
 except KeyboardInterrupt:
     print("interrupted", file=sys.stderr)
     sys.exit(130)
@@ -188,14 +188,17 @@ def run_pending(runs, jobs, running):
         return progress(done_runs, len(todo), steps, total, time.time() - t_start)
 
     queue = list(todo)
+    slots = {}  # out_dir of each running run -> its job slot (and so its GPU: runtime.job_env)
     while queue or running:
         while queue and len(running) < jobs:
             run = queue.pop(0)
+            slots[run.out_dir] = min(set(range(jobs)) - {slots[r.out_dir] for r, _, _ in running})
             os.makedirs(run.out_dir, exist_ok=True)
             log = open(os.path.join(run.out_dir, "train.log"), "a")
             print(f"start {run.label} seed {run.seed} ({len(todo) - len(queue)} of {len(todo)}, log in "
                   f"{run.out_dir}/train.log): {' '.join(command(run)[1:])}")
-            running.append((run, subprocess.Popen(command(run), stdout=log, stderr=subprocess.STDOUT, env=env,
+            running.append((run, subprocess.Popen(command(run), stdout=log, stderr=subprocess.STDOUT,
+                                                  env=job_env(env, slots[run.out_dir], jobs),
                                                   start_new_session=True), time.time()))
         time.sleep(1)
         for item in list(running):

@@ -17,6 +17,7 @@ try:  # Ctrl-C while the libraries load (torch takes a second or two): as quiet 
 
     from configurator import UserError, check, configure, usage
     from model import GPT, GPTConfig
+    from moe_kernels import grouped_note
     from prepare import encoding
     from runtime import check_device, load_checkpoint, load_weights, pick_device
 except KeyboardInterrupt:
@@ -119,6 +120,8 @@ def main(argv):
         prompt = read_prompt(cfg.start)
         device = pick_device(cfg.device)
         model, tokenizer = load_model(cfg.out_dir, device)
+        if note := grouped_note(model.config, torch.device(device), torch.float32, compiled=False):
+            print(note)  # a checkpoint trained with moe_impl=grouped, sampled where grouped_mm cannot run
         ids = tokenizer.encode(prompt, allowed_special="all")
         if not ids:
             raise UserError("the prompt is empty")

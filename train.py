@@ -31,6 +31,7 @@ try:  # Ctrl-C while the libraries load (torch takes a second or two): as quiet 
 
     from configurator import UserError, check, check_choice, overrides, usage
     from model import GPT, GPTConfig, count_params, flops_per_token, match_dense, model_fields
+    from moe_kernels import grouped_note
     from prepare import CORPORA, PLAIN_NAME, encoding, load_spec
     from report import flops_text, param_table
     from runtime import (
@@ -51,6 +52,7 @@ try:  # Ctrl-C while the libraries load (torch takes a second or two): as quiet 
         peak_flops,
         print0,
         setup_system,
+        skips_on_device,
         truncate_log,
         use_compile,
         wrap_ddp,
@@ -460,52 +462,54 @@ def run_training(cfg, given, stop):
     if run is None:  # a dry run
         return None
     progress, system = run.progress, run.system
-    bad_steps = 0  # in a row
     stop.graceful = True  # from here a first signal lets the step finish and writes a checkpoint
     bar = tqdm(total=cfg.max_iters, initial=progress.iter_num, disable=not (system.master and sys.stderr.isatty()),
                dynamic_ncols=True)
     clock = [time.time(), progress.iter_num]  # time and iteration of the last log line or evaluation
+    first = progress.iter_num  # this process's first step compiles and warms up: it is not timed
+    together = False  # whether every process reached the end (or a stop) with this one
     try:
         while True:
             # --- evaluate and checkpoint, every eval_interval steps and at the end ---
             it = progress.iter_num
             if (it % cfg.eval_interval == 0 or it == cfg.max_iters) and progress.evaluated_iter != it:
+                read_bad_steps(run, cfg, it, stop)
                 evaluate_and_checkpoint(run, cfg, stop)
                 clock = [time.time(), it]
             if it >= cfg.max_iters:
                 break
 
-            # --- one optimizer step: lr, micro-steps, clip, step ---
-            lr, parts, stepped = optimizer_step(run, cfg, it)
-            if stepped:
-                bad_steps = 0
-            else:  # a non-finite loss or gradient: skip the step rather than poison the weights
-                bad_steps += 1
-                progress.skipped_steps += 1
-                print0(f"iter {it}: non-finite loss or gradient, step skipped ({bad_steps} in a row)")
-                if bad_steps >= cfg.max_bad_steps:
-                    raise UserError(diverged(f"{bad_steps} steps in a row had a non-finite loss or gradient, "
-                                             f"stopping", stop.checkpoint))
+            # --- one optimizer step: lr, micro-steps, clip, step (skipped on the device if non-finite) ---
+            lr, parts, finite = optimizer_step(run, cfg, it)
+            count_bad_step(run, finite)
             progress.iter_num = it = it + 1
             bar.update(1)
+            logs = it % cfg.log_interval == 0 or it == cfg.max_iters
+            if it == first + 1 and not logs:  # time from here: the first step's compile and warm-up are done
+                float(parts["loss"])  # wait for the device, once
+                clock = [time.time(), it]
 
-            # --- log ---
-            if it % cfg.log_interval == 0 or it == cfg.max_iters:
+            # --- log, with the steps skipped since the last line ---
+            if logs:
+                read_bad_steps(run, cfg, it, stop)
                 log_step(run, cfg, it, lr, parts, clock)
                 clock = [time.time(), it]
 
-            # --- stop cleanly on SIGINT / SIGTERM ---
-            if stop.anywhere(system):  # every process stops after the same step
+            # --- stop cleanly on SIGINT / SIGTERM: several processes agree at log lines, where they sync anyway ---
+            if (system.world == 1 or logs) and stop.anywhere(system):  # every process stops after the same step
+                read_bad_steps(run, cfg, it, stop)
                 check_finite(run, it, stop)
                 write_checkpoint(run.ckpt_path, run.about, run.raw_model, run.optimizer, progress, run.data_rng,
                                  system)
+                together = True
                 raise Stopped(progress)
+        together = True
     finally:
         # --- finish ---
         bar.close()
         if system.world > 1:
             del run.model  # DDP's reducer holds the process group
-            end_processes()
+            end_processes(together)
     return progress
 
 
@@ -563,7 +567,10 @@ def setup(cfg, given, stop):
         write_log(log_path, [{"event": "start", "time": time.time(), "code": code_version(), "config": vars(cfg),
                               "model_args": asdict(model_config), "params": count_params(model_config),
                               "flops_per_token": flops_per_token(model_config)}])
-    model = compile_model(raw_model) if use_compile(cfg.compile, device) else raw_model
+    compiled = use_compile(cfg.compile, device)
+    if note := grouped_note(model_config, device, system.dtype, compiled):  # moe_impl=grouped that cannot run here
+        print0(note)
+    model = compile_model(raw_model) if compiled else raw_model
     eval_model = model  # evaluation needs no gradient synchronisation
     if world > 1:
         model = wrap_ddp(model, device)
@@ -579,6 +586,7 @@ def setup(cfg, given, stop):
                            train_data=train_data, val_data=val_data, data_rng=data_rng, progress=progress,
                            system=system, about=about, ckpt_path=ckpt_path, log_path=log_path, accum=accum,
                            block_size=block_size, tokens_per_iter=tokens_per_iter, peak=peak,
+                           bad=torch.zeros(3, dtype=torch.long, device=device),  # count_bad_step
                            flops_per_iter=flops_per_token(model_config) * tokens_per_iter)  # over all processes
 
 
@@ -625,19 +633,47 @@ def optimizer_step(run, cfg, it):
         x, y = get_batch(run.train_data, cfg.batch_size, run.block_size, run.data_rng, system.device)
         last = micro_step == run.accum - 1
         with (model.no_sync() if system.world > 1 and not last else nullcontext()), system.autocast:
-            _, loss, stats = model(x, y)
+            loss, stats = model(x, y)[1:]  # the logits (B, T, V) go at once: not kept into the next micro-step
         (loss / run.accum).backward()  # gradients average over micro-steps (and, by DDP, processes)
         parts["loss"] += loss.detach() / run.accum
         for k in ("ce", "aux", "z"):
             parts[k] += stats[k] / run.accum
         routing = add_routing(routing, stats["routing"])
     grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or float("inf"))
-    stepped = bool(torch.isfinite(grad_norm))  # DDP averaged the gradients, so every process agrees
-    if stepped:
+    finite = torch.isfinite(grad_norm)  # DDP averaged the gradients, so every process agrees
+    if skips_on_device(run.optimizer):  # no host sync: the fused kernel leaves everything as it was if found_inf
+        run.optimizer.found_inf = (~finite).float()
+        run.optimizer.step()
+        raw_model.update_expert_bias(routing, finite)
+    elif finite:  # a host sync (MPS: its fused kernel ignores found_inf)
         run.optimizer.step()
         raw_model.update_expert_bias(routing)
     run.optimizer.zero_grad(set_to_none=True)
-    return lr, parts, stepped
+    return lr, parts, finite
+
+
+def count_bad_step(run, finite):
+    """Count a step skipped for a non-finite loss or gradient on the device, without a host sync: run.bad holds
+    (skipped since the last read, skipped in a row now, the most in a row since the last read)."""
+    skipped = (~finite).long()
+    in_a_row = (run.bad[1] + 1) * skipped
+    run.bad = torch.stack([run.bad[0] + skipped, in_a_row, torch.maximum(run.bad[2], in_a_row)])
+
+
+def read_bad_steps(run, cfg, it, stop):
+    """At a log line, an evaluation or a stop (where the host waits for the device anyway): add the steps the
+    device counted as skipped (count_bad_step) to progress, say so in one line, and stop the run once
+    max_bad_steps were skipped in a row."""
+    skipped, in_a_row, most = run.bad.tolist()
+    if not skipped:
+        return
+    run.bad = torch.tensor([0, in_a_row, in_a_row], device=run.bad.device)
+    run.progress.skipped_steps += skipped
+    print0(f"iter {it}: {skipped} step(s) skipped for a non-finite loss or gradient since the last line "
+           f"({most} in a row at most)")
+    if most >= cfg.max_bad_steps:
+        raise UserError(diverged(f"{cfg.max_bad_steps} steps in a row had a non-finite loss or gradient "
+                                 f"({most} by iteration {it}), stopping", stop.checkpoint))
 
 
 def log_step(run, cfg, it, lr, parts, clock):

@@ -132,11 +132,22 @@ def test_data_cost_writes_outside_the_repository(monkeypatch):
     assert not os.path.exists(opened[0])  # and removed
 
 
+def test_full_shapes_are_moe_e4k2s_with_its_training_batch():
+    """bench.py without --quick times config/moe_e4k2.py's model at its training batch, not a fraction of it."""
+    knobs = {}
+    exec(open(os.path.join(ROOT, "config", "moe_e4k2.py")).read(), {}, knobs)
+    moe, batch_size = bench.shapes(quick=False)
+    assert batch_size == knobs["batch_size"]
+    assert all(getattr(moe, k) == v for k, v in knobs.items() if hasattr(moe, k))
+
+
 def test_dispatch_paths():
-    """Both paths eagerly; compiled, the grouped GEMM only in bf16."""
-    assert bench.dispatch_paths(torch.float32, compiled=False) == ("grouped", "loop")
-    assert bench.dispatch_paths(torch.float32, compiled=True) == ("loop",)
-    assert bench.dispatch_paths(torch.bfloat16, compiled=True) == ("grouped", "loop")
+    """Both paths eagerly; compiled, the grouped GEMM only in bf16 (moe_kernels.grouped_mm_runs)."""
+    assert bench.dispatch_paths(torch.float32, False, torch.device("cpu"), (256, 130)) == ("loop",)  # 520-byte rows
+    cpu, widths = torch.device("cpu"), (256, 512, 128)
+    assert bench.dispatch_paths(torch.float32, False, cpu, widths) == ("grouped", "loop")
+    assert bench.dispatch_paths(torch.float32, True, cpu, widths) == ("loop",)
+    assert bench.dispatch_paths(torch.bfloat16, True, cpu, widths) == ("grouped", "loop")
 
 
 def test_table_shows_mfu_where_known():
