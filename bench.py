@@ -223,8 +223,10 @@ class Worker:
         print(f"warming up {self.label}: {steps} untimed steps (compilation, kernel caches)...")
         t = last = time.perf_counter()
         for done in range(1, steps + 1):
+            step_start = time.perf_counter()
             self.step()
-            if time.perf_counter() - last >= every_s and done < steps:
+            now = time.perf_counter()  # as train.py: a line where one more step would leave every_s without one
+            if now - last + (now - step_start) >= every_s and done < steps:
                 print(f"  warm-up of {self.label}: {done} of {steps} steps in {time.perf_counter() - t:.0f}s")
                 last = time.perf_counter()
         print(f"warm-up of {self.label}: {steps} steps in {time.perf_counter() - t:.1f}s")

@@ -76,7 +76,7 @@ overwrite = False  # let a fresh run replace the checkpoint of an earlier run in
 eval_interval = 250  # iterations between evaluations (each also writes the checkpoint)
 eval_iters = 50  # validation batches per evaluation, the same batches every time
 log_interval = 10  # iterations between log lines
-log_seconds = 30.0  # also a log line once this many seconds have passed without one (0: by iterations only)
+log_seconds = 30.0  # also a log line where one more step would leave this many seconds without one (0: never)
 dry_run = False  # print the parameter table and exit
 match = "none"  # "active" or "total": train the dense model matched to the configured MoE
 # data
@@ -485,6 +485,7 @@ def run_training(cfg, given, stop):
                 break
 
             # --- one optimizer step: lr, micro-steps, clip, step ---
+            step_start = time.time()
             lr, parts, stepped = optimizer_step(run, cfg, it)
             if stepped:
                 bad_steps = 0
@@ -499,8 +500,9 @@ def run_training(cfg, given, stop):
             bar.update(1)
 
             # --- log: every log_interval steps, after this run's first step, and at least every log_seconds ---
-            quiet_s = time.time() - clock[0]
-            if it % cfg.log_interval == 0 or it in (first_iter, cfg.max_iters) or 0 < cfg.log_seconds <= quiet_s:
+            now = time.time()  # one more step like this one before logging would pass log_seconds: log now
+            late = 0 < cfg.log_seconds <= now - clock[0] + (now - step_start)
+            if it % cfg.log_interval == 0 or it in (first_iter, cfg.max_iters) or late:
                 dt = log_step(run, cfg, it, lr, parts, clock)
                 pace_note(run, cfg, it, dt, first_iter, eval_s)
                 clock = [time.time(), it]
