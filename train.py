@@ -361,18 +361,24 @@ def add_routing(total, routing):
 
 
 @torch.no_grad()
-def evaluate(model, data, batch_size, block_size, eval_iters, device, autocast):
+def evaluate(model, data, batch_size, block_size, eval_iters, device, autocast, log_seconds=0.0):
     """(mean cross-entropy, routing counts) over eval_iters validation batches, the same batches at
-    every call (and for every model), so that evaluations compare like with like."""
+    every call (and for every model), so that evaluations compare like with like. log_seconds > 0: a progress
+    line where one more batch would leave that long without one (a long evaluation on a slow machine)."""
     model.eval()
     generator = torch.Generator().manual_seed(0)
-    total, routing = 0.0, None
-    for _ in range(eval_iters):
+    total, routing, last = 0.0, None, time.time()
+    for done in range(1, eval_iters + 1):
+        batch_start = time.time()
         x, y = get_batch(data, batch_size, block_size, generator, device)
         with autocast:
             _, _, stats = model(x, y)
         total += stats["ce"].item()
         routing = add_routing(routing, stats["routing"])
+        now = time.time()
+        if 0 < log_seconds <= now - last + (now - batch_start) and done < eval_iters:
+            print0(f"  evaluating: {done} of {eval_iters} validation batches")
+            last = now
     model.train()
     return total / eval_iters, routing
 
@@ -610,7 +616,7 @@ def evaluate_and_checkpoint(run, cfg, stop):
     non-finite (the run stops with the last good checkpoint named)."""
     it, progress, system = run.progress.iter_num, run.progress, run.system
     val_loss, routing = evaluate(run.eval_model, run.val_data, cfg.batch_size, run.block_size, cfg.eval_iters,
-                                 system.device, system.autocast)
+                                 system.device, system.autocast, cfg.log_seconds)
     if not math.isfinite(val_loss):  # not a new best, and no reason to checkpoint
         raise UserError(diverged(f"iteration {it}: validation loss is non-finite ({val_loss}), not "
                                  f"checkpointed", stop.checkpoint))

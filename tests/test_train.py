@@ -236,6 +236,7 @@ def test_train_logs_by_time_first_step_and_threads(data_root, tmp_path, monkeypa
     text = capsys.readouterr().out
     assert "CPU threads: 1 (threads); change with --threads=N or OMP_NUM_THREADS=N" in text
     assert "at least every 1e-09s; first an evaluation on 2 validation batches" in text
+    assert text.count("  evaluating: 1 of 2 validation batches\n") == 3  # log_seconds=1e-9: evaluations at 0, 2, 4
     assert "first step " in text.split("iter 1: loss")[1].splitlines()[1] and "the 3 step(s) left take ~" in text
     rows = [r for r in logged if r != "finished"][-len([r for r in records(out) if "iter" in r]):]
     assert logged[-1] == "finished" and len(rows) == 7  # evaluations at 0, 2, 4 and 4 steps
