@@ -30,7 +30,7 @@ from types import SimpleNamespace
 
 try:  # Ctrl-C while the libraries load (torch takes a second or two): as quiet as at any other moment
     import train
-    from configurator import UserError, check, check_choice, configure, usage
+    from configurator import UserError, check, check_choice, configure, print_help, usage
     from prepare import PLAIN_NAME
     from report import point_label, routing_history, write_expert_load, write_report
     from runtime import ROOT, duration, job_env, read_log
@@ -259,7 +259,7 @@ def collect(runs):
 
 def main(argv):
     if "-h" in argv or "--help" in argv:
-        print(usage(__doc__, {k: globals()[k] for k in EXPERIMENT_KEYS}, [__file__]))
+        print_help(usage(__doc__, {k: globals()[k] for k in EXPERIMENT_KEYS}, [__file__]))
         return
     sys.stdout.reconfigure(line_buffering=True)  # each line as it is printed, into a file or pipe too
     try:

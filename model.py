@@ -430,11 +430,12 @@ class GPT(nn.Module):
             moe.expert_bias += step if taken is None else torch.where(taken, step, 0.0)
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True, on_token=None):
         """Append max_new_tokens sampled tokens to idx (B, T). Without use_cache (the reference) each step runs the
         whole context (at most block_size tokens) again; with it, a KVCache per layer and one new token per step,
         refilled from the last block_size // 2 tokens once full: the same while prompt and sample fit in
-        block_size (with capacity_factor > 0 drops may differ: they depend on the tokens run together)."""
+        block_size (with capacity_factor > 0 drops may differ: they depend on the tokens run together).
+        on_token(idx), if given, sees idx after each new token (sample.py streams the text with it)."""
         block_size = self.config.block_size
         cache = None
         for _ in range(max_new_tokens):
@@ -451,6 +452,8 @@ class GPT(nn.Module):
                 v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
                 logits[logits < v[:, [-1]]] = -float("inf")
             idx = torch.cat((idx, torch.multinomial(logits.softmax(-1), num_samples=1)), dim=1)
+            if on_token is not None:
+                on_token(idx)
         return idx
 
 

@@ -70,7 +70,7 @@ try:  # Ctrl-C while the libraries load (torch takes a second or two): as quiet 
     import tiktoken
     from tqdm import tqdm
 
-    from configurator import UserError, check, configure, usage
+    from configurator import UserError, check, configure, print_help, usage
 except KeyboardInterrupt:
     print("interrupted", file=sys.stderr)
     sys.exit(130)
@@ -560,7 +560,7 @@ def run(cfg):
 
 def main(argv):
     if "-h" in argv or "--help" in argv:
-        print(usage(__doc__, defaults(), [__file__]))
+        print_help(usage(__doc__, defaults(), [__file__]))
         return
     try:
         cfg = configure(argv, defaults())

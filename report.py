@@ -2,17 +2,23 @@
 Rendering of experiment results: the parameter table (also printed by train.py), out/<name>/report.md
 with its tables, curves.csv, and the plots curves.png, gaps.png or sweep.png, and each MoE variant's
 expert load (expert_load_<run>.png; for a single run, expert_load.png by experiment.py --plot_run).
-experiment.py runs the protocol and hands the finished runs (experiment.Run) here.
+experiment.py runs the protocol and hands the finished runs (experiment.Run) here: report.py is not run
+by itself, and has no knobs of its own.
+
+    python experiment.py config/cpu_moe.py --seeds=3 --report_only=True  # rewrite out/cpu_moe/report.md
+    python experiment.py --plot_run=out/cpu_moe      # one run's expert load: out/cpu_moe/expert_load.png
+    python experiment.py --help                      # the knobs of the experiment and its report
 """
 
 import csv
 import os
 import platform
 import statistics
+import sys
 
 import torch
 
-from configurator import UserError
+from configurator import UserError, print_help
 from model import GPTConfig, count_params
 from runtime import ROOT, code_version, read_log
 
@@ -410,3 +416,17 @@ def write_expert_load(run_dir):
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def main(argv):
+    """As a command, report.py only answers --help (its docstring; so does a bare `python report.py`); anything
+    else is refused with the same hint."""
+    if not argv or "-h" in argv or "--help" in argv:
+        print_help(__doc__.strip())
+        return
+    sys.exit("error: report.py is not run by itself: experiment.py writes the report (`python experiment.py "
+             "CONFIG --report_only=True` rewrites it from finished runs; `python experiment.py --help`)")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -219,6 +219,23 @@ def job_env(env, slot, jobs):
     return {**env, "CUDA_VISIBLE_DEVICES": gpus[slot % len(gpus)].strip()}
 
 
+def set_threads(threads):
+    """Apply a script's threads knob (torch.set_num_threads; 0 leaves torch's default, which OMP_NUM_THREADS
+    sets) and return the start-up line that says how many CPU threads torch uses, and how to change it. On a
+    machine busy with other work (load average above its cores) torch's default of one thread per core
+    starves: the line says so, as fewer threads then run several times faster (docs/performance.md)."""
+    if threads:
+        torch.set_num_threads(threads)
+    source = ("threads" if threads else "OMP_NUM_THREADS" if os.environ.get("OMP_NUM_THREADS") else
+              "torch's default, one per core")
+    line = (f"CPU threads: {torch.get_num_threads()} ({source}); change with --threads=N or OMP_NUM_THREADS=N")
+    load, cores = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0, os.cpu_count() or 1
+    if load > cores and torch.get_num_threads() > 1:
+        line += (f". This machine is busy (load average {load:.1f} on {cores} cores): fewer threads, "
+                 f"--threads=1, may be several times faster")
+    return line
+
+
 def wrap_ddp(model, device):
     """The model wrapped for data parallelism. DDP would broadcast the buffers from rank 0 before every
     forward; they are equal on every process already (the aux_free bias is updated from every process's
