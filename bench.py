@@ -40,10 +40,19 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from configurator import UserError, check, check_choice, configure, usage
+from configurator import UserError, check, check_choice, configure, print_help, usage
 from model import GPT, GPTConfig, count_params, flops_per_token, match_dense
+from moe_kernels import cuda_capability, grouped_mm_runs
 from report import flops_text
-from runtime import check_device, compile_model, device_name, keep_freed_memory, peak_flops, use_compile
+from runtime import (
+    check_device,
+    compile_model,
+    device_name,
+    keep_freed_memory,
+    peak_flops,
+    set_threads,
+    use_compile,
+)
 from train import get_batch  # what the data cost measures
 
 # -----------------------------------------------------------------------------
@@ -53,6 +62,7 @@ dtype = "float32"  # "float32" or "bfloat16" (autocast, as in training)
 compile = "auto"  # torch.compile the models (fullgraph), as train.py does: "auto" (on for CUDA), "true" or "false"
 repeats = 7  # timed steps per model, each alternating with one of the dense-active model's (at least 1)
 warmup = 10  # untimed steps per model first: compilation; on CPU in bf16 oneDNN compiles kernels for new shapes (>= 0)
+threads = 0  # CPU threads of torch in each model's process (torch.set_num_threads); 0: torch's default
 json_path = ""  # also write the results to this JSON file, for tools: --json_path=bench.json
 overwrite = False  # let json_path replace an existing file
 # -----------------------------------------------------------------------------
@@ -66,6 +76,7 @@ def check_knobs(cfg):
     check_choice("compile", cfg.compile.lower(), ("auto", "true", "false"))
     check(cfg.repeats >= 1, f"repeats must be at least 1, got {cfg.repeats}")
     check(cfg.warmup >= 0, f"warmup must be >= 0, got {cfg.warmup}")
+    check(cfg.threads >= 0, f"threads must be >= 0 (0: torch's default), got {cfg.threads}")
     folder = os.path.dirname(os.path.abspath(cfg.json_path)) if cfg.json_path else ""
     check(not cfg.json_path or os.path.isdir(folder) and not os.path.isdir(cfg.json_path),
           f"json_path must name a file in an existing folder, got {cfg.json_path!r}")
@@ -79,12 +90,13 @@ def check_knobs(cfg):
 
 
 def shapes(quick):
-    """(base MoE config, batch size): E4k2 at the quick shapes or at config/moe_e4k2.py's."""
+    """(base MoE config, batch size): E4k2 at the quick shapes or at config/moe_e4k2.py's, its training batch
+    included (tests/test_bench.py checks them against the config file)."""
     if quick:
         return GPTConfig(vocab_size=4096, block_size=256, n_layer=4, n_head=4, n_embd=256, n_experts=4, top_k=2,
                          expert_hidden=512), 8
     return GPTConfig(vocab_size=50257, block_size=256, n_layer=6, n_head=8, n_embd=256, n_experts=4, top_k=2,
-                     expert_hidden=512), 16
+                     expert_hidden=512), 64
 
 
 def bench_models(moe, impls):
@@ -99,11 +111,12 @@ def bench_models(moe, impls):
             for routing in (("real", "balanced") if cfg.n_experts else ("-",))]
 
 
-def dispatch_paths(dtype, compiled):
+def dispatch_paths(dtype, compiled, device, widths):
     """The MoE dispatch paths to time: grouped and loop, or the loop alone where torch's grouped GEMM cannot
-    run: compiled, it takes bf16 only (torch 2.13; see moe_kernels.use_grouped_mm). The benched widths are all
-    multiples of 16 bytes, as it needs."""
-    return ("grouped", "loop") if dtype == torch.bfloat16 or not compiled else ("loop",)
+    run (moe_kernels.grouped_mm_runs, the rule train.py and sample.py share: compiled, it takes bf16 only;
+    rows of 16 bytes; CPU or CUDA). widths: n_embd and the benched expert hidden sizes."""
+    runs = grouped_mm_runs(device.type, cuda_capability(device), dtype, list(widths), compiled)
+    return ("grouped", "loop") if runs else ("loop",)
 
 
 def force_balance(moe):
@@ -214,10 +227,17 @@ class Worker:
         self.conn.send("memory")
         return self.answer()
 
-    def warm_up(self, steps):
-        t = time.perf_counter()
-        for _ in range(steps):
+    def warm_up(self, steps, every_s=30):
+        """steps untimed steps, said before they start and every every_s seconds: a log shows what the bench does."""
+        print(f"warming up {self.label}: {steps} untimed steps (compilation, kernel caches)...")
+        t = last = time.perf_counter()
+        for done in range(1, steps + 1):
+            step_start = time.perf_counter()
             self.step()
+            now = time.perf_counter()  # as train.py: a line where one more step would leave every_s without one
+            if now - last + (now - step_start) >= every_s and done < steps:
+                print(f"  warm-up of {self.label}: {done} of {steps} steps in {time.perf_counter() - t:.0f}s")
+                last = time.perf_counter()
         print(f"warm-up of {self.label}: {steps} steps in {time.perf_counter() - t:.1f}s")
 
     def close(self):
@@ -238,6 +258,7 @@ def time_models(workers, warmup, repeats):
             worker = start()
             try:
                 worker.warm_up(warmup)
+                print(f"timing {worker.label}: {repeats} steps, each beside one of dense-active's...")
                 times = [(dense.step(), worker.step()) for _ in range(repeats)]
                 results.append(([t for _, t in times], [t for t, _ in times], worker.peak_memory()))
             finally:
@@ -284,14 +305,19 @@ def run(cfg):
     dtype = getattr(torch, cfg.dtype)
     compiled = use_compile(cfg.compile, device)
     moe, batch_size = shapes(cfg.quick)
-    impls = dispatch_paths(dtype, compiled)
+    impls = dispatch_paths(dtype, compiled, device, (moe.n_embd, moe.expert_hidden, moe.expert_hidden // 4))
     models = bench_models(moe, impls)
+    if cfg.threads:  # the models' processes (spawned) take it from the environment
+        os.environ["OMP_NUM_THREADS"] = str(cfg.threads)
+    threads_line = set_threads(cfg.threads)
     machine = device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     peak, peak_note = peak_flops(device_name(device), dtype)
     print(f"{machine}, torch {torch.__version__}, {cfg.dtype}, batch {batch_size} x {moe.block_size} tokens, "
           f"{moe.n_layer} layers of width {moe.n_embd}, vocab {moe.vocab_size}")
     print(f"FLOP/s: model.flops_per_token (active parameters in matmuls, output layer and attention) x tokens/s; "
           f"{peak_note}")
+    if device.type == "cpu":
+        print(threads_line)
     if "grouped" not in impls:
         how = "compiled" if compiled else "eagerly"
         print(f"grouped dispatch not timed: torch's grouped GEMM does not run {how} in {cfg.dtype} on {device.type}")
@@ -349,7 +375,7 @@ def table(results):
 
 def main(argv):
     if "-h" in argv or "--help" in argv:
-        print(usage(__doc__, {k: globals()[k] for k in KEYS}, [__file__]))
+        print_help(usage(__doc__, {k: globals()[k] for k in KEYS}, [__file__]))
         return
     sys.stdout.reconfigure(line_buffering=True)  # each line as it is printed, into a file or pipe too
     try:

@@ -15,6 +15,7 @@ import ast
 import difflib
 import io
 import os
+import sys
 import tokenize
 
 
@@ -151,3 +152,13 @@ def usage(doc, defaults, paths):
     width = max(len(knob) for knob, _ in knobs)
     return "\n".join([doc.strip(), "", "knobs, set by config files or --key=value (shown with their defaults):",
                       *(f"  {knob:<{width}}  {comment}".rstrip() for knob, comment in knobs)])
+
+
+def print_help(text):
+    """Print a script's --help text. A reader that stops early (`python train.py --help | head`) closes the pipe:
+    end quietly, as other commands do, rather than with a BrokenPipeError traceback (stdout is pointed at
+    /dev/null, so that Python's flush at exit does not fail again)."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

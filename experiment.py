@@ -37,10 +37,10 @@ from dataclasses import dataclass, field, replace
 from types import SimpleNamespace
 
 import train
-from configurator import UserError, check, check_choice, configure, overrides, usage
+from configurator import UserError, check, check_choice, configure, overrides, print_help, usage
 from prepare import PLAIN_NAME
 from report import point_label, routing_history, write_expert_load, write_report
-from runtime import ROOT, duration, read_log
+from runtime import ROOT, duration, job_env, read_log
 
 # -----------------------------------------------------------------------------
 name = ""  # out/<name>/ holds the runs and the report; default: the config file's name (+ the sweep)
@@ -239,15 +239,18 @@ def run_pending(runs, jobs, running):
         return progress(done_runs, len(todo), steps, total, time.time() - t_start)
 
     queue, log_start = list(todo), {}
+    slots = {}  # out_dir of each running run -> its job slot (and so its GPU: runtime.job_env)
     while queue or running:
         while queue and len(running) < jobs:
             run = queue.pop(0)
+            slots[run.out_dir] = min(set(range(jobs)) - {slots[r.out_dir] for r, _, _ in running})
             os.makedirs(run.out_dir, exist_ok=True)
             log = open(os.path.join(run.out_dir, "train.log"), "a")
             log_start[run.out_dir] = log.tell()  # a failure is reported from what this run wrote, not earlier ones
             print(f"start {run.label} seed {run.seed} ({len(todo) - len(queue)} of {len(todo)}, log in "
                   f"{run.out_dir}/train.log): {' '.join(command(run)[1:])}")
-            running.append((run, subprocess.Popen(command(run), stdout=log, stderr=subprocess.STDOUT, env=env,
+            running.append((run, subprocess.Popen(command(run), stdout=log, stderr=subprocess.STDOUT,
+                                                  env=job_env(env, slots[run.out_dir], jobs),
                                                   start_new_session=True), time.time()))
         time.sleep(1)
         for item in list(running):
@@ -311,7 +314,7 @@ def collect(runs):
 
 def main(argv):
     if "-h" in argv or "--help" in argv:
-        print(usage(__doc__, {k: globals()[k] for k in EXPERIMENT_KEYS}, [__file__]))
+        print_help(usage(__doc__, {k: globals()[k] for k in EXPERIMENT_KEYS}, [__file__]))
         return
     sys.stdout.reconfigure(line_buffering=True)  # each line as it is printed, into a file or pipe too
     try:

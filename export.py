@@ -70,7 +70,7 @@ import torch
 import torch.nn.functional as F
 
 import sample  # its sampling defaults become generate()'s
-from configurator import UserError, configure, usage
+from configurator import UserError, configure, print_help, usage
 from model import GPT, GPTConfig
 from prepare import encoding
 from runtime import load_checkpoint, load_weights
@@ -375,7 +375,7 @@ def export(out_dir, to, overwrite=False):
 def main(argv):
     defaults = {k: globals()[k] for k in KEYS}
     if "-h" in argv or "--help" in argv:
-        print(usage(__doc__, defaults, [__file__]))
+        print_help(usage(__doc__, defaults, [__file__]))
         return
     try:
         cfg = SimpleNamespace(**configure(argv, defaults))

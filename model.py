@@ -421,27 +421,34 @@ class GPT(nn.Module):
         params = [p for p in self.parameters() if p.requires_grad]
         groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-        # fused AdamW (CUDA, CPU): one kernel for all parameters, on CPU ~5x the per-tensor loop's speed
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type in ("cuda", "cpu"))
+        # fused AdamW (CUDA, CPU, MPS): one kernel for all parameters, on CPU ~5x the per-tensor loop's speed; its
+        # step counters live beside the weights (unfused, they stay on the CPU: runtime.finite_state on MPS)
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type in ("cuda", "cpu", "mps"))
 
     @torch.no_grad()
-    def update_expert_bias(self, routing):
+    def update_expert_bias(self, routing, taken=None):
         """Loss-free balancing (Wang et al. 2024), after each optimizer step: bias_i += rate * sign(mean load -
-        load_i) in every MoE layer, the loads (stats["routing"] of the step) summed over processes too."""
+        load_i) in every MoE layer, the loads (stats["routing"] of the step) summed over processes too. taken: a
+        bool tensor, False for a step skipped on the device (the bias then stays exactly as it was)."""
         if self.config.balance != "aux_free" or not self.moe_layers:
             return
         load = torch.stack([counts["load"] for counts in routing])  # (n_moe_layers, E)
         if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(load)
+            on_host = load.device.type == "mps"  # gloo reduces CPU tensors (nccl CUDA ones)
+            reduced = load.cpu() if on_host else load
+            dist.all_reduce(reduced)
+            load = reduced.to(load.device)
         for moe, layer_load in zip(self.moe_layers, load):
-            moe.expert_bias += self.config.bias_update_rate * torch.sign(layer_load.mean() - layer_load)
+            step = self.config.bias_update_rate * torch.sign(layer_load.mean() - layer_load)
+            moe.expert_bias += step if taken is None else torch.where(taken, step, 0.0)
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True, on_token=None):
         """Append max_new_tokens sampled tokens to idx (B, T). Without use_cache (the reference) each step runs the
         whole context (at most block_size tokens) again; with it, a KVCache per layer and one new token per step,
         refilled from the last block_size // 2 tokens once full: the same while prompt and sample fit in
-        block_size (with capacity_factor > 0 drops may differ: they depend on the tokens run together)."""
+        block_size (with capacity_factor > 0 drops may differ: they depend on the tokens run together).
+        on_token(idx), if given, sees idx after each new token (sample.py streams the text with it)."""
         block_size = self.config.block_size
         cache = None
         for _ in range(max_new_tokens):
@@ -458,6 +465,8 @@ class GPT(nn.Module):
                 v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
                 logits[logits < v[:, [-1]]] = -float("inf")
             idx = torch.cat((idx, torch.multinomial(logits.softmax(-1), num_samples=1)), dim=1)
+            if on_token is not None:
+                on_token(idx)
         return idx
 
 
@@ -502,13 +511,14 @@ def flops_per_token(cfg):
 MIN_FFN_RATIO, MAX_FFN_RATIO = 1.0, 16.0  # a matched dense FFN stays within these multiples of n_embd
 
 
-def match_dense(moe_cfg, target="active", tolerance=0.005):
+def match_dense(moe_cfg, target="active", tolerance=0.005, multiple=1):
     """A dense GPTConfig whose parameter count (embeddings included) equals the MoE's active or total count;
     everything but width is copied. 1. Solve for the FFN hidden size alone (parameters are linear in it).
     2. If that FFN is narrower than MIN_FFN_RATIO or wider than MAX_FFN_RATIO times n_embd, change n_embd too
     with the FFN at that ratio (the quadratic, n_embd rounded to a multiple of 2 * n_head), then solve the FFN
     exactly for it. Rounding leaves under half an FFN unit (3 * n_embd * n_layer / 2), checked against
-    `tolerance` (relative)."""
+    `tolerance` (relative). multiple: round the FFN width to a multiple of it instead (8: rows of 16 bytes in
+    bf16, as tensor cores like; docs/gpu.md has the mismatch it costs for each config)."""
     if target not in ("active", "total"):
         raise ValueError(f"target must be 'active' or 'total', got {target!r}")
     goal = count_params(moe_cfg)[target]
@@ -518,7 +528,7 @@ def match_dense(moe_cfg, target="active", tolerance=0.005):
 
     def ffn_for(n_embd):
         base = count_params(replace(dense, n_embd=n_embd, ffn_hidden=1))["total"] - 3 * n_embd * L
-        return round((goal - base) / (3 * n_embd * L))
+        return multiple * round((goal - base) / (3 * n_embd * L * multiple))
 
     C = moe_cfg.n_embd
     H = ffn_for(C)

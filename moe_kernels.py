@@ -8,6 +8,8 @@ MoE.dispatch_grouped and MoE.dispatch_loop (tests/test_model.py compares them, o
 Legend as in model.py: N = B*T tokens, E = n_experts, K = top_k, C = n_embd, H = expert hidden size.
 """
 
+import sys
+
 import torch
 import torch.nn.functional as F
 
@@ -27,27 +29,30 @@ def dispatch(moe, x, weights, experts, load):
     guard = empty_groups_get_gradients(x.device)
     if dtype == x.dtype and multiple == 1 and not equal and not guard:
         return moe.dispatch_grouped(x, weights, experts, load)
-    token, gate, expert = moe.sort_by_expert(weights.to(dtype), experts)  # (N*K,) each
+    # the routing weights stay fp32: each slot is weighted and each token's K slots summed in fp32, as the loop
+    # does (a bf16 expert output times an fp32 weight, index_add_ into the fp32 residual stream's dtype)
+    token, gate, expert = moe.sort_by_expert(weights, experts)  # (N*K,) each
     if multiple > 1 or equal:
         token, gate, load = pad_groups(token, gate, expert, load, multiple, equal)
     # grouped_mm is not autocast-aware: cast x to the compute dtype before the gather, on N rows, not N*K
     xc = x.to(dtype)  # (N, C)
-    ys = moe.experts.grouped(xc.index_select(0, token), load, gate, expert_matmul(load, equal, guard))  # (N*K, C)
-    # (N, C) each token's K slots summed, in the compute dtype as torchtitan does (bf16 under autocast)
-    return torch.zeros_like(xc).index_add_(0, token, ys).to(x.dtype)
+    mm = expert_matmul(load, equal, guard, dtype)
+    ys = moe.experts.grouped(xc.index_select(0, token), load, gate, mm)  # (N*K, C), fp32 under autocast
+    return torch.zeros_like(x).index_add_(0, token, ys.to(x.dtype))  # (N, C)
 
 
-def expert_matmul(load, equal, guard):
+def expert_matmul(load, equal, guard, dtype):
     """The a (rows, in) @ w (E, in, out) per expert group that Experts.grouped runs, for groups of `load` (E,)
-    rows: grouped_mm, or with equal=True (every group the same size) one torch.bmm; the weights cast to a's
-    dtype, and with guard=True an expert with no rows given exact zero gradients."""
+    rows: grouped_mm, or with equal=True (every group the same size) one torch.bmm; a and the weights cast to
+    the compute dtype (a arrives in fp32 where the fp32 routing weight scaled it), and with guard=True an
+    expert with no rows given exact zero gradients."""
     offs = None if equal else load.cumsum(0).to(torch.int32)  # (E,) where each expert's group ends
     used = (load > 0)[:, None, None] if guard else None  # (E, 1, 1)
 
     def mm(a, w):
         if guard:  # its weights pass a where(), whose backward writes exact zeros where unused, NaN too
             w = torch.where(used, w, 0.0)
-        w = w.to(a.dtype)
+        a, w = a.to(dtype), w.to(dtype)
         if equal:  # (E*R, in) as (E, R, in) @ (E, in, out)
             return torch.bmm(a.view(w.shape[0], -1, a.shape[1]), w).flatten(0, 1)
         return F.grouped_mm(a, w, offs=offs)
@@ -70,11 +75,28 @@ def compute_dtype(x):
 
 
 def use_grouped(config, x):
-    """Whether this layer runs its experts as grouped GEMMs: moe_impl, or with "auto" use_grouped_mm's rule."""
+    """Whether this layer runs its experts as grouped GEMMs: moe_impl, or with "auto" use_grouped_mm's rule.
+    moe_impl="grouped" where torch's grouped_mm cannot run (grouped_mm_runs) takes the loop: grouped_note
+    says so once, up front, in train.py and sample.py."""
+    args = (x.device.type, cuda_capability(x.device), compute_dtype(x), [x.shape[1], *config.expert_sizes])
     if config.moe_impl == "auto":
-        return use_grouped_mm(x.device.type, cuda_capability(x.device), compute_dtype(x),
-                              [x.shape[1], *config.expert_sizes], config.n_experts, torch.compiler.is_compiling())
-    return config.moe_impl == "grouped"
+        return use_grouped_mm(*args, config.n_experts, torch.compiler.is_compiling())
+    return config.moe_impl == "grouped" and grouped_mm_runs(*args, torch.compiler.is_compiling())
+
+
+def grouped_note(config, device, dtype, compiled):
+    """The line train.py and sample.py print where moe_impl="grouped" cannot run on this device in the
+    compute dtype (compiled or not) and the loop runs instead; None where nothing changes. The rule every
+    script shares (bench.dispatch_paths too): grouped_mm_runs."""
+    if config.n_experts == 0 or config.moe_impl != "grouped":
+        return None
+    widths = [config.n_embd, *config.expert_sizes]
+    if grouped_mm_runs(device.type, cuda_capability(device), dtype, widths, compiled):
+        return None
+    precision = str(dtype).removeprefix("torch.")
+    return (f"note: moe_impl=grouped cannot run {'compiled' if compiled else 'eagerly'} in {precision} on "
+            f"{device.type} (torch's grouped_mm needs rows of a multiple of 16 bytes, bf16 when compiled, a CPU "
+            f"or CUDA device, and on Windows no 9.x/10.x GPU): the experts run as the per-expert loop, the same math")
 
 
 GROUPED_MM_FALLBACK_SYNCS = 9  # host syncs per MoE layer and step in grouped_mm's fallback: 3 GEMMs, 2 each backward
@@ -89,20 +111,30 @@ def cuda_capability(device):
     return torch.cuda.get_device_capability(device)
 
 
+def grouped_mm_runs(device_type, capability, dtype, widths, compiling):
+    """Whether torch 2.13's grouped_mm runs at all here (the test for moe_impl="grouped"; "auto" asks
+    use_grouped_mm): rows of the matrix widths (n_embd and the expert hidden sizes) aligned to 16 bytes on
+    every device; compiled, bf16 only (torch/_inductor/kernel/mm_grouped.py); CPU or CUDA (no MPS kernel
+    is claimed); and not a Windows build on a 9.x/10.x GPU: torch's Windows builds have no grouped kernel
+    and stop with an error where the fused kernel would run (docs/gpu.md)."""
+    aligned = all(w * dtype.itemsize % 16 == 0 for w in widths)
+    dtypes = dtype == torch.bfloat16 or (dtype == torch.float32 and not compiling)
+    windows_sm90 = sys.platform == "win32" and capability is not None and capability[0] in (9, 10)
+    return aligned and dtypes and device_type in ("cpu", "cuda") and not windows_sm90
+
+
 def use_grouped_mm(device_type, capability, dtype, widths, n_experts, compiling):
     """Whether moe_impl="auto" runs the experts as one grouped GEMM rather than the per-expert loop, from
     the device type, its CUDA capability (cuda_capability), the dtype matmuls run in, the matrix widths
     (n_embd and the expert hidden sizes), n_experts, and whether torch.compile is tracing. In torch 2.13:
-    - grouped_mm needs rows aligned to 16 bytes on every device, and compiled it takes bf16 only;
+    - grouped_mm must run at all (grouped_mm_runs: alignment, dtype, device, not Windows on 9.x/10.x);
     - on CPU it beats the loop (docs/performance.md);
     - on CUDA, _grouped_mm_cuda (aten/src/ATen/native/cuda/GroupedBlas.cpp) runs its fused CUTLASS kernel
       for bf16 when the capability's major is 9 or 10 (_scaled_mm_allowed_device(sm90_only, sm100_only):
       H100, H200, B200, GB200); on every other GPU _grouped_mm_fallback copies the group ends to the host
       and runs one matmul per expert, GROUPED_MM_FALLBACK_SYNCS syncs per layer and step where the loop
       syncs once per expert (torch.where). So the loop, unless there are more experts than that."""
-    runs = all(w * dtype.itemsize % 16 == 0 for w in widths) and (
-        dtype == torch.bfloat16 or (dtype == torch.float32 and not compiling))
-    if not runs or device_type not in ("cpu", "cuda"):
+    if not grouped_mm_runs(device_type, capability, dtype, widths, compiling):
         return False
     if device_type == "cpu":
         return True

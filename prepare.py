@@ -73,7 +73,7 @@ import regex
 import tiktoken
 from tqdm import tqdm
 
-from configurator import UserError, check, configure, usage
+from configurator import UserError, check, configure, print_help, usage
 
 EOT = "<|endoftext|>"
 MIN_SPLIT_TOKENS = 9  # a split must hold one block of 8 tokens and its target: no smaller block is worth training
@@ -634,7 +634,7 @@ def run(cfg):
 
 def main(argv):
     if "-h" in argv or "--help" in argv:
-        print(usage(__doc__, defaults(), [__file__]))
+        print_help(usage(__doc__, defaults(), [__file__]))
         return
     try:
         cfg = configure(argv, defaults())

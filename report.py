@@ -2,19 +2,26 @@
 Rendering of experiment results: the parameter table (also printed by train.py), out/<name>/report.md
 with its tables, curves.csv, and the plots curves.png, gaps.png or sweep.png, and each MoE variant's
 expert load (expert_load_<run>.png; for a single run, expert_load.png by experiment.py --plot_run).
-experiment.py runs the protocol and hands the finished runs (experiment.Run) here.
+experiment.py runs the protocol and hands the finished runs (experiment.Run) here: report.py is not run
+by itself, and has no knobs of its own.
+
+    python experiment.py config/cpu_moe.py --seeds=3 --report_only=True  # rewrite out/cpu_moe/report.md
+    python experiment.py --plot_run=out/cpu_moe      # one run's expert load: out/cpu_moe/expert_load.png
+    python experiment.py --help                      # the knobs of the experiment and its report
 """
+
+import guard  # isort: skip  (first: from here on a Ctrl-C or SIGTERM exits quietly, never a traceback)
 
 import csv
 import io
 import os
 import platform
 import statistics
+import sys
 
 import torch
 
-import guard
-from configurator import UserError
+from configurator import UserError, print_help
 from model import GPTConfig, count_params
 from runtime import ROOT, code_version, read_log
 
@@ -417,3 +424,17 @@ def write_expert_load(run_dir):
 def save_figure(fig, path):
     """A PNG, through guard.write_file (a plot half written by a kill is never left)."""
     guard.write_file(path, lambda f: fig.savefig(f, format="png", dpi=120))
+
+
+def main(argv):
+    """As a command, report.py only answers --help (its docstring; so does a bare `python report.py`); anything
+    else is refused with the same hint."""
+    if not argv or "-h" in argv or "--help" in argv:
+        print_help(__doc__.strip())
+        return
+    sys.exit("error: report.py is not run by itself: experiment.py writes the report (`python experiment.py "
+             "CONFIG --report_only=True` rewrites it from finished runs; `python experiment.py --help`)")
+
+
+if __name__ == "__main__":
+    guard.run_main(main)

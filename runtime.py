@@ -159,6 +159,20 @@ PEAK_BF16_FLOPS = {
     "NVIDIA L40S": 362e12,
     "NVIDIA GeForce RTX 4090": 165e12,  # with fp32 accumulation, as torch's bf16 matmuls use
     "NVIDIA GeForce RTX 3090": 71e12,  # idem
+    "NVIDIA GeForce RTX 5090": 209.5e12,  # idem (NVIDIA's RTX Blackwell GPU architecture whitepaper)
+    "NVIDIA H800": 989e12,  # H800 SXM5: the H100 SXM5's compute, less interconnect
+    "NVIDIA H800 PCIe": 756e12,
+    "NVIDIA A800-SXM4-80GB": 312e12,  # the A100's compute, less interconnect
+    "NVIDIA A800-SXM4-40GB": 312e12,
+    "NVIDIA A800 80GB PCIe": 312e12,
+    "NVIDIA A800 40GB PCIe": 312e12,
+    "NVIDIA B200": 2.25e15,  # HGX B200: 4.5 PFLOP/s dense FP8, half that in bf16
+    "NVIDIA GB200": 2.5e15,  # GB200 NVL72: 180 PFLOP/s dense bf16 over 72 GPUs
+}
+# Cards with no peak in the table on purpose, by a part of their name: the note says why.
+NO_PEAK = {
+    "B300": "Blackwell Ultra (B300, GB300): NVIDIA's dense bf16 figure for it was not checked here",
+    "B100": "B100: no dense bf16 figure was checked here",
 }
 
 
@@ -178,9 +192,49 @@ def peak_flops(name, dtype):
         precision = str(dtype).removeprefix("torch.")
         return None, f"MFU not shown: the peaks known are bf16 tensor-core ones, this run computes in {precision}"
     if name not in PEAK_BF16_FLOPS:
-        return None, f"MFU not shown: no peak for {name!r} in runtime.PEAK_BF16_FLOPS"
+        why = next((why for part, why in NO_PEAK.items() if part in name), "no peak in runtime.PEAK_BF16_FLOPS")
+        return None, f"MFU not shown for {name!r}: {why}"
     peak = PEAK_BF16_FLOPS[name]
     return peak, f"MFU against the dense bf16 peak of {name}: {peak / 1e12:.0f} TFLOP/s"
+
+
+def skips_on_device(optimizer):
+    """Whether optimizer.step() skips a step on the device, without a host sync, where optimizer.found_inf is 1:
+    fused AdamW on CUDA and CPU. torch's _fused_adamw (torch/optim/adam.py) adds 1 to every step counter, runs
+    the kernel, which returns untouched where found_inf is 1 (weights, moments), then subtracts found_inf from
+    the counters: all exactly as before. MPS's fused kernel takes found_inf but ignores it
+    (aten/src/ATen/native/mps/operations/FusedAdamWKernelImpl.mm): there train.py asks the host."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    return bool(optimizer.defaults.get("fused")) and all(p.device.type in ("cuda", "cpu") for p in params)
+
+
+def job_env(env, slot, jobs):
+    """The environment of a run in job slot `slot` of `jobs` (experiment.py --jobs=N): with several runs at
+    once and several CUDA GPUs visible, CUDA_VISIBLE_DEVICES names one GPU, slot mod their number, so that the
+    runs spread over the GPUs rather than all train on GPU 0."""
+    visible = env.get("CUDA_VISIBLE_DEVICES")
+    gpus = [g for g in visible.split(",") if g.strip()] if visible is not None else \
+        [str(i) for i in range(torch.cuda.device_count())]
+    if jobs == 1 or len(gpus) < 2:
+        return env
+    return {**env, "CUDA_VISIBLE_DEVICES": gpus[slot % len(gpus)].strip()}
+
+
+def set_threads(threads):
+    """Apply a script's threads knob (torch.set_num_threads; 0 leaves torch's default, which OMP_NUM_THREADS
+    sets) and return the start-up line that says how many CPU threads torch uses, and how to change it. On a
+    machine busy with other work (load average above its cores) torch's default of one thread per core
+    starves: the line says so, as fewer threads then run several times faster (docs/performance.md)."""
+    if threads:
+        torch.set_num_threads(threads)
+    source = ("threads" if threads else "OMP_NUM_THREADS" if os.environ.get("OMP_NUM_THREADS") else
+              "torch's default, one per core")
+    line = (f"CPU threads: {torch.get_num_threads()} ({source}); change with --threads=N or OMP_NUM_THREADS=N")
+    load, cores = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0, os.cpu_count() or 1
+    if load > cores and torch.get_num_threads() > 1:
+        line += (f". This machine is busy (load average {load:.1f} on {cores} cores): fewer threads, "
+                 f"--threads=1, may be several times faster")
+    return line
 
 
 def wrap_ddp(model, device):
@@ -192,9 +246,15 @@ def wrap_ddp(model, device):
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, **{no_broadcast: False})
 
 
-def end_processes():
+def end_processes(together=True):
     """Finish every collective, then leave the process group: a group destroyed while its worker threads
-    still release tensors can deadlock. Free the DDP model first (its reducer holds the group)."""
+    still release tensors can deadlock. Free the DDP model first (its reducer holds the group). together=False:
+    this process stops on an error of its own while the others may wait in another collective: it leaves at
+    once, no barrier (which would wait for them until the nccl timeout, 10 minutes), and its exit makes
+    torchrun stop the others (its agent sends every worker SIGTERM once one fails, SIGKILL 30 s later:
+    torch/distributed/elastic/agent/server/local_elastic_agent.py, _shutdown)."""
+    if not together:
+        return
     dist.barrier()
     dist.destroy_process_group()
 
@@ -236,9 +296,16 @@ def keep_freed_memory():
 
 def finite_state(model, optimizer):
     """Whether every weight, buffer and optimizer state is finite: a checkpoint must not hold anything else."""
+    return bool(finite_flag(model, optimizer))
+
+
+def finite_flag(model, optimizer):
+    """finite_state as one bool tensor on the weights' device, one host sync to read. Each tensor's flag is
+    moved there first: an unfused optimizer keeps its step counters on the CPU beside GPU (MPS) weights."""
     tensors = [*model.state_dict().values(),
                *(v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v))]
-    return bool(torch.stack([torch.isfinite(t).all() for t in tensors if t.is_floating_point()]).all())
+    device = next(model.parameters()).device
+    return torch.stack([torch.isfinite(t).all().to(device) for t in tensors if t.is_floating_point()]).all()
 
 
 def write_checkpoint(path, about, model, optimizer, progress, data_rng, system):
@@ -380,11 +447,11 @@ class StopFlag:
 
     def anywhere(self, system):
         """Whether any process was signalled. With several processes it is a collective that every process
-        calls after every step, so that all stop after the same one; its tensor is on the process's device,
-        as nccl reduces CUDA tensors only."""
+        calls after the same steps (train.py: at log lines), so that all stop after the same one; its tensor is
+        on the process's device, as nccl reduces CUDA tensors only, but on the CPU for MPS, as gloo needs."""
         if system.world == 1:
             return self.set
-        flag = torch.tensor(float(self.set), device=system.device)
+        flag = torch.tensor(float(self.set), device="cpu" if system.device.type == "mps" else system.device)
         dist.all_reduce(flag)
         return flag.item() > 0
 

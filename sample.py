@@ -16,10 +16,11 @@ from types import SimpleNamespace
 
 import torch
 
-from configurator import UserError, check, configure, usage
+from configurator import UserError, check, configure, print_help, usage
 from model import GPT, GPTConfig
+from moe_kernels import grouped_note
 from prepare import encoding
-from runtime import check_device, load_checkpoint, load_weights, pick_device
+from runtime import check_device, load_checkpoint, load_weights, pick_device, set_threads
 
 # -----------------------------------------------------------------------------
 out_dir = "out"  # the run whose out_dir/ckpt.pt to load
@@ -29,6 +30,7 @@ max_new_tokens = 200  # tokens per sample
 temperature = 0.8  # > 0; < 1 sharper, > 1 more random
 top_k = 200  # sample among the k most likely tokens only; 0: all
 use_cache = True  # keep the keys and values of earlier positions (KV cache); False: rerun the whole context per token
+threads = 0  # CPU threads of torch (torch.set_num_threads); 0: torch's default (OMP_NUM_THREADS)
 seed = 1337  # of the sampling, so that the same command draws the same text (0 to 2**63 - 1)
 device = "auto"  # "auto" (cuda, then mps, then cpu) or a torch device like "cpu", "cuda:1"
 show_routing = False  # instead of sampling, print the experts each prompt token goes to in `layer`
@@ -46,6 +48,7 @@ def check_knobs(cfg):
     check(cfg.top_k >= 0, f"top_k must be >= 0 (0: all tokens), got {cfg.top_k}")
     check(0 <= cfg.seed < 2**63, f"seed must be a whole number from 0 to 2**63 - 1, got {cfg.seed}")
     check(cfg.layer >= 0, f"layer must be >= 0, got {cfg.layer}")
+    check(cfg.threads >= 0, f"threads must be >= 0 (0: torch's default), got {cfg.threads}")
     check_device(cfg.device)
 
 
@@ -95,6 +98,25 @@ def print_routing(tokens, experts, weights, layer, n_experts):
         print(f"  e{e}: {sum(by_expert[e].values())} tokens: {common}")
 
 
+class Stream:
+    """Prints a sample as it is generated (GPT.generate's on_token): the text decoded so far, less what is
+    already shown, held back while it ends in a partial character (a byte-level BPE token may hold part of one)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.shown = tokenizer, ""
+
+    def __call__(self, idx):  # idx (1, T): the prompt and the tokens sampled so far
+        text = self.tokenizer.decode(idx[0].tolist())
+        if not text.endswith("\ufffd") and text.startswith(self.shown):
+            print(text[len(self.shown):], end="", flush=True)
+            self.shown = text
+
+    def end(self, idx):
+        """The rest of the sample, and the line that ends it."""
+        text = self.tokenizer.decode(idx[0].tolist())
+        print(text[len(self.shown):] if text.startswith(self.shown) else f"\n{text}")
+
+
 def read_prompt(start):
     """The prompt: start itself, or with "FILE:" the UTF-8 text of that file."""
     if not start.startswith("FILE:"):
@@ -109,15 +131,18 @@ def read_prompt(start):
 
 def main(argv):
     if "-h" in argv or "--help" in argv:
-        print(usage(__doc__, {k: globals()[k] for k in KEYS}, [__file__]))
+        print_help(usage(__doc__, {k: globals()[k] for k in KEYS}, [__file__]))
         return
     try:
         cfg = SimpleNamespace(**configure(argv, {k: globals()[k] for k in KEYS}))
         check_knobs(cfg)
         prompt = read_prompt(cfg.start)
         device = pick_device(cfg.device)
+        threads_line = set_threads(cfg.threads)
         with guard.phase("loading the model", "sample on --device=cpu, or on a machine with more memory"):
             model, tokenizer = load_model(cfg.out_dir, device)
+        if note := grouped_note(model.config, torch.device(device), torch.float32, compiled=False):
+            print(note)  # a checkpoint trained with moe_impl=grouped, sampled where grouped_mm cannot run
         ids = tokenizer.encode(prompt, allowed_special="all")
         if not ids:
             raise UserError("the prompt is empty")
@@ -130,11 +155,15 @@ def main(argv):
             experts, weights = routing(model, idx, cfg.layer)
             print_routing([tokenizer.decode([i]) for i in ids], experts, weights, cfg.layer, model.config.n_experts)
             return
+        if torch.device(device).type == "cpu":
+            print(threads_line, file=sys.stderr)
         torch.manual_seed(cfg.seed)
         t0 = time.perf_counter()
-        for _ in range(cfg.num_samples):
-            out = model.generate(idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k or None, cfg.use_cache)
-            print(tokenizer.decode(out[0].tolist()))
+        for _ in range(cfg.num_samples):  # each streamed as it is sampled
+            stream = Stream(tokenizer)
+            stream(idx)  # the prompt
+            out = model.generate(idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k or None, cfg.use_cache, stream)
+            stream.end(out)
             print("---------------")
         tokens_per_s = cfg.num_samples * cfg.max_new_tokens / (time.perf_counter() - t0)
         print(f"{tokens_per_s:.1f} tokens/s on {device}, {'with' if cfg.use_cache else 'without'} the KV cache")

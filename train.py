@@ -30,8 +30,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from configurator import UserError, check, check_choice, overrides, usage
+from configurator import UserError, check, check_choice, overrides, print_help, usage
 from model import GPT, GPTConfig, count_params, flops_per_token, match_dense, model_fields
+from moe_kernels import grouped_note
 from prepare import CORPORA, PLAIN_NAME, encoding, load_spec
 from report import flops_text, param_table
 from runtime import (
@@ -51,7 +52,9 @@ from runtime import (
     out_dir_lock,
     peak_flops,
     print0,
+    set_threads,
     setup_system,
+    skips_on_device,
     truncate_log,
     use_compile,
     wrap_ddp,
@@ -73,6 +76,7 @@ overwrite = False  # let a fresh run replace the checkpoint of an earlier run in
 eval_interval = 250  # iterations between evaluations (each also writes the checkpoint)
 eval_iters = 50  # validation batches per evaluation, the same batches every time
 log_interval = 10  # iterations between log lines
+log_seconds = 30.0  # also a log line where one more step would leave this many seconds without one (0: never)
 dry_run = False  # print the parameter table and exit
 match = "none"  # "active" or "total": train the dense model matched to the configured MoE
 # data
@@ -94,6 +98,11 @@ device = "auto"  # "auto" (cuda, then mps, then cpu) or a torch device like "cpu
 dtype = "auto"  # "float32", "bfloat16" or "auto": bf16 on GPUs from Ampere on, CPUs with AVX-512 BF16 or AMX
 compile = "auto"  # torch.compile the model: "auto" (on for CUDA), "true" or "false"
 seed = 1337  # model init and data order, from 0 to 2**63 - 1 (torch takes 64 bits; each process adds its rank)
+threads = 0  # CPU threads of torch (torch.set_num_threads) in each process; 0: torch's default (OMP_NUM_THREADS)
+# experiment tracking (nanoGPT's knobs): the records of metrics.jsonl, also sent to Weights & Biases
+wandb_log = False  # needs `pip install wandb`; WANDB_MODE=offline keeps the run in out_dir/wandb, to sync later
+wandb_project = "tinymoe"  # the W&B project
+wandb_run_name = ""  # the W&B run's name; "": out_dir's folder name
 # -----------------------------------------------------------------------------
 TRAIN_KEYS = [k for k, v in list(globals().items()) if not k.startswith("_") and k.islower()
               and isinstance(v, (int, float, bool, str))]
@@ -118,9 +127,9 @@ def check_knobs(cfg):
     for name in ("batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters", "log_interval",
                  "max_bad_steps"):
         check(getattr(cfg, name) >= 1, f"{name} must be at least 1, got {getattr(cfg, name)}")
-    for name in ("max_iters", "warmup_iters", "lr_decay_iters"):
+    for name in ("max_iters", "warmup_iters", "lr_decay_iters", "threads"):
         check(getattr(cfg, name) >= 0, f"{name} must be >= 0, got {getattr(cfg, name)}")
-    for name in ("learning_rate", "min_lr", "weight_decay", "grad_clip"):
+    for name in ("learning_rate", "min_lr", "weight_decay", "grad_clip", "log_seconds"):
         check(0 <= getattr(cfg, name) < math.inf, f"{name} must be a finite number >= 0, got {getattr(cfg, name)}")
     check(cfg.min_lr <= cfg.learning_rate, f"min_lr ({cfg.min_lr}) must not exceed learning_rate ({cfg.learning_rate})")
     for name in ("beta1", "beta2"):
@@ -352,18 +361,24 @@ def add_routing(total, routing):
 
 
 @torch.no_grad()
-def evaluate(model, data, batch_size, block_size, eval_iters, device, autocast):
+def evaluate(model, data, batch_size, block_size, eval_iters, device, autocast, log_seconds=0.0):
     """(mean cross-entropy, routing counts) over eval_iters validation batches, the same batches at
-    every call (and for every model), so that evaluations compare like with like."""
+    every call (and for every model), so that evaluations compare like with like. log_seconds > 0: a progress
+    line where one more batch would leave that long without one (a long evaluation on a slow machine)."""
     model.eval()
     generator = torch.Generator().manual_seed(0)
-    total, routing = 0.0, None
-    for _ in range(eval_iters):
+    total, routing, last = 0.0, None, time.time()
+    for done in range(1, eval_iters + 1):
+        batch_start = time.time()
         x, y = get_batch(data, batch_size, block_size, generator, device)
         with autocast:
             _, _, stats = model(x, y)
         total += stats["ce"].item()
         routing = add_routing(routing, stats["routing"])
+        now = time.time()
+        if 0 < log_seconds <= now - last + (now - batch_start) and done < eval_iters:
+            print0(f"  evaluating: {done} of {eval_iters} validation batches")
+            last = now
     model.train()
     return total / eval_iters, routing
 
@@ -459,52 +474,57 @@ def run_training(cfg, given, stop):
     if run is None:  # a dry run
         return None
     progress, system = run.progress, run.system
-    bad_steps = 0  # in a row
     stop.graceful = True  # from here a first signal lets the step finish and writes a checkpoint
     bar = tqdm(total=cfg.max_iters, initial=progress.iter_num, disable=not (system.master and sys.stderr.isatty()),
                dynamic_ncols=True)
     clock = [time.time(), progress.iter_num]  # time and iteration of the last log line or evaluation
+    first_iter, eval_s = progress.iter_num + 1, 0.0  # this run's first step; seconds of the last evaluation
+    together = False  # whether every process reached the end (or a stop) with this one
     try:
         while True:
             # --- evaluate and checkpoint, every eval_interval steps and at the end ---
             it = progress.iter_num
             if (it % cfg.eval_interval == 0 or it == cfg.max_iters) and progress.evaluated_iter != it:
+                read_bad_steps(run, cfg, it, stop)
+                t = time.time()
                 evaluate_and_checkpoint(run, cfg, stop)
-                clock = [time.time(), it]
+                eval_s, clock = time.time() - t, [time.time(), it]
             if it >= cfg.max_iters:
                 break
 
-            # --- one optimizer step: lr, micro-steps, clip, step ---
-            lr, parts, stepped = optimizer_step(run, cfg, it)
-            if stepped:
-                bad_steps = 0
-            else:  # a non-finite loss or gradient: skip the step rather than poison the weights
-                bad_steps += 1
-                progress.skipped_steps += 1
-                print0(f"iter {it}: non-finite loss or gradient, step skipped ({bad_steps} in a row)")
-                if bad_steps >= cfg.max_bad_steps:
-                    raise UserError(diverged(f"{bad_steps} steps in a row had a non-finite loss or gradient, "
-                                             f"stopping", stop.checkpoint, vars(cfg)))
+            # --- one optimizer step: lr, micro-steps, clip, step (skipped on the device if non-finite) ---
+            step_start = time.time()
+            lr, parts, finite = optimizer_step(run, cfg, it)
+            count_bad_step(run, finite)
             progress.iter_num = it = it + 1
             bar.update(1)
-
-            # --- log ---
-            if it % cfg.log_interval == 0 or it == cfg.max_iters:
-                log_step(run, cfg, it, lr, parts, clock)
+            # --- log: every log_interval steps, after this run's first step, and at least every log_seconds ---
+            synced = it % cfg.log_interval == 0 or it in (first_iter, cfg.max_iters)  # the same on every process
+            now = time.time()  # one more step like this one before logging would pass log_seconds: log now
+            late = 0 < cfg.log_seconds <= now - clock[0] + (now - step_start)
+            if synced or late:
+                read_bad_steps(run, cfg, it, stop)
+                dt = log_step(run, cfg, it, lr, parts, clock, startup=it == first_iter)
+                pace_note(run, cfg, it, dt, first_iter, eval_s)
                 clock = [time.time(), it]
 
-            # --- stop cleanly on SIGINT / SIGTERM ---
-            if stop.anywhere(system):  # every process stops after the same step
+            # --- stop cleanly on SIGINT / SIGTERM: several processes agree at log lines, where they sync anyway ---
+            if (system.world == 1 or synced) and stop.anywhere(system):  # every process stops after the same step
+                read_bad_steps(run, cfg, it, stop)
                 check_finite(run, it, stop)
                 write_checkpoint(run.ckpt_path, run.about, run.raw_model, run.optimizer, progress, run.data_rng,
                                  system)
+                together = True
                 raise Stopped(progress)
+        together = True
     finally:
         # --- finish ---
         bar.close()
+        if run.tracker is not None:
+            run.tracker.finish()
         if system.world > 1:
             del run.model  # DDP's reducer holds the process group
-            end_processes()
+            end_processes(together)
     return progress
 
 
@@ -540,7 +560,9 @@ def setup(cfg, given, stop):
 
     system = setup_system(cfg.device, cfg.dtype)
     device, world = system.device, system.world
+    threads_line = set_threads(cfg.threads)
     if device.type == "cpu":
+        print0(threads_line)
         keep_freed_memory()  # glibc: reuse freed heap blocks rather than page-fault every step's temporaries in
     accum = micro_steps(cfg.gradient_accumulation_steps, world)  # micro-steps of this process
     if accum * world != cfg.gradient_accumulation_steps:
@@ -549,6 +571,7 @@ def setup(cfg, given, stop):
         cfg.gradient_accumulation_steps = accum * world  # what the checkpoint and the log record
     if system.master:
         check_out_dir(ckpt_path, state is None, cfg.overwrite)
+    tracker = open_tracker(cfg) if cfg.wandb_log and system.master else None
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every process
     with guard.phase("building the model", "lower n_layer, n_embd, n_experts, expert_hidden or vocab_size"):
@@ -567,7 +590,10 @@ def setup(cfg, given, stop):
         write_log(log_path, [{"event": "start", "time": time.time(), "code": code_version(), "config": vars(cfg),
                               "model_args": asdict(model_config), "params": count_params(model_config),
                               "flops_per_token": flops_per_token(model_config)}])
-    model = compile_model(raw_model) if use_compile(cfg.compile, device) else raw_model
+    compiled = use_compile(cfg.compile, device)
+    if note := grouped_note(model_config, device, system.dtype, compiled):  # moe_impl=grouped that cannot run here
+        print0(note)
+    model = compile_model(raw_model) if compiled else raw_model
     eval_model = model  # evaluation needs no gradient synchronisation
     if world > 1:
         model = wrap_ddp(model, device)
@@ -579,11 +605,17 @@ def setup(cfg, given, stop):
     peak, peak_note = peak_flops(device_name(device), system.dtype)
     print0(f"training FLOPs per token: {flops_per_token(model_config):,.0f} (6 x the active parameters in matmuls, "
            f"output layer included, + attention over the full T x T; model.flops_per_token); {peak_note}")
+    print0(f"training to iteration {cfg.max_iters}: a log line every {cfg.log_interval} iterations"
+           + (f" and at least every {cfg.log_seconds:g}s" if cfg.log_seconds else "")
+           + (f"; first an evaluation on {cfg.eval_iters} validation batches" if progress.iter_num < cfg.max_iters
+              and progress.evaluated_iter != progress.iter_num else ""))
     return SimpleNamespace(raw_model=raw_model, model=model, eval_model=eval_model, optimizer=optimizer,
                            train_data=train_data, val_data=val_data, data_rng=data_rng, progress=progress,
                            system=system, about=about, ckpt_path=ckpt_path, log_path=log_path, accum=accum,
                            block_size=block_size, tokens_per_iter=tokens_per_iter, peak=peak,
-                           flops_per_iter=flops_per_token(model_config) * tokens_per_iter)  # over all processes
+                           bad=torch.zeros(3, dtype=torch.long, device=device),  # count_bad_step
+                           flops_per_iter=flops_per_token(model_config) * tokens_per_iter,  # over all processes
+                           tracker=tracker, fastest=(math.inf, 0))  # fastest: (seconds a step, iteration), pace_note
 
 
 def evaluate_and_checkpoint(run, cfg, stop):
@@ -591,7 +623,7 @@ def evaluate_and_checkpoint(run, cfg, stop):
     non-finite (the run stops with the last good checkpoint named)."""
     it, progress, system = run.progress.iter_num, run.progress, run.system
     val_loss, routing = evaluate(run.eval_model, run.val_data, cfg.batch_size, run.block_size, cfg.eval_iters,
-                                 system.device, system.autocast)
+                                 system.device, system.autocast, cfg.log_seconds)
     if not math.isfinite(val_loss):  # not a new best, and no reason to checkpoint
         raise UserError(diverged(f"iteration {it}: validation loss is non-finite ({val_loss}), not "
                                  f"checkpointed", stop.checkpoint, vars(cfg)))
@@ -601,9 +633,8 @@ def evaluate_and_checkpoint(run, cfg, stop):
     print0(f"iter {it}: val loss {val_loss:.4f}, best {progress.best_val_loss:.4f}")
     for layer, summary in enumerate(routing):
         print0(routing_line(layer, summary))
-    if system.master:
-        append_log(run.log_path, {"iter": it, "tokens": it * run.tokens_per_iter, "val_loss": val_loss,
-                                  "best_val_loss": progress.best_val_loss, "routing": routing, "time": time.time()})
+    record(run, {"iter": it, "tokens": it * run.tokens_per_iter, "val_loss": val_loss,
+                 "best_val_loss": progress.best_val_loss, "routing": routing, "time": time.time()})
     write_checkpoint(run.ckpt_path, run.about, run.raw_model, run.optimizer, progress, run.data_rng, system)
     stop.checkpoint = f"{run.ckpt_path} (iteration {it})"
 
@@ -629,36 +660,112 @@ def optimizer_step(run, cfg, it):
         x, y = get_batch(run.train_data, cfg.batch_size, run.block_size, run.data_rng, system.device)
         last = micro_step == run.accum - 1
         with (model.no_sync() if system.world > 1 and not last else nullcontext()), system.autocast:
-            _, loss, stats = model(x, y)
+            loss, stats = model(x, y)[1:]  # the logits (B, T, V) go at once: not kept into the next micro-step
         (loss / run.accum).backward()  # gradients average over micro-steps (and, by DDP, processes)
         parts["loss"] += loss.detach() / run.accum
         for k in ("ce", "aux", "z"):
             parts[k] += stats[k] / run.accum
         routing = add_routing(routing, stats["routing"])
     grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or float("inf"))
-    stepped = bool(torch.isfinite(grad_norm))  # DDP averaged the gradients, so every process agrees
-    if stepped:
+    finite = torch.isfinite(grad_norm)  # DDP averaged the gradients, so every process agrees
+    if skips_on_device(run.optimizer):  # no host sync: the fused kernel leaves everything as it was if found_inf
+        run.optimizer.found_inf = (~finite).float()
+        run.optimizer.step()
+        raw_model.update_expert_bias(routing, finite)
+    elif finite:  # a host sync (MPS: its fused kernel ignores found_inf)
         run.optimizer.step()
         raw_model.update_expert_bias(routing)
     run.optimizer.zero_grad(set_to_none=True)
-    return lr, parts, stepped
+    return lr, parts, finite
 
 
-def log_step(run, cfg, it, lr, parts, clock):
+def count_bad_step(run, finite):
+    """Count a step skipped for a non-finite loss or gradient on the device, without a host sync: run.bad holds
+    (skipped since the last read, skipped in a row now, the most in a row since the last read)."""
+    skipped = (~finite).long()
+    in_a_row = (run.bad[1] + 1) * skipped
+    run.bad = torch.stack([run.bad[0] + skipped, in_a_row, torch.maximum(run.bad[2], in_a_row)])
+
+
+def read_bad_steps(run, cfg, it, stop):
+    """At a log line, an evaluation or a stop (where the host waits for the device anyway): add the steps the
+    device counted as skipped (count_bad_step) to progress, say so in one line, and stop the run once
+    max_bad_steps were skipped in a row."""
+    skipped, in_a_row, most = run.bad.tolist()
+    if not skipped:
+        return
+    run.bad = torch.tensor([0, in_a_row, in_a_row], device=run.bad.device)
+    run.progress.skipped_steps += skipped
+    print0(f"iter {it}: {skipped} step(s) skipped for a non-finite loss or gradient since the last line "
+           f"({most} in a row at most)")
+    if most >= cfg.max_bad_steps:
+        raise UserError(diverged(f"{cfg.max_bad_steps} steps in a row had a non-finite loss or gradient "
+                                 f"({most} by iteration {it}), stopping", stop.checkpoint, vars(cfg)))
+
+
+def log_step(run, cfg, it, lr, parts, clock, startup=False):
     """The log line and metrics.jsonl record after iteration it: the loss parts, lr, time per step since the last
-    line (clock: [time, iteration] of it) and the FLOP/s and MFU that make."""
+    line (clock: [time, iteration] of it) and the FLOP/s and MFU that make. Returns that time per step. startup: the
+    run's first step, whose time includes compiling and warming up: no FLOP/s or MFU from it."""
     dt = (time.time() - clock[0]) / max(1, it - clock[1])
     values = {k: float(v) for k, v in parts.items()}
-    speed = {"flops_per_s": run.flops_per_iter / dt}  # achieved, by all processes together
-    if run.peak:
+    speed = {} if startup else {"flops_per_s": run.flops_per_iter / dt}  # achieved, by all processes together
+    if run.peak and not startup:
         speed["mfu"] = speed["flops_per_s"] / (run.peak * run.system.world)
     print0(f"iter {it}: loss {values['loss']:.4f}, ce {values['ce']:.4f}, aux {values['aux']:.4f}, "
-           f"z {values['z']:.4f}, lr {lr:.1e}, {dt * 1000:.1f}ms, {flops_text(speed['flops_per_s'])}"
-           + (f", MFU {speed['mfu']:.1%}" if run.peak else ""))
-    if run.system.master:
-        append_log(run.log_path, {"iter": it, "tokens": it * run.tokens_per_iter, **values, "lr": lr,
-                                  "ms_per_iter": dt * 1000, "tokens_per_s": run.tokens_per_iter / dt, **speed,
-                                  "skipped_steps": run.progress.skipped_steps})
+           f"z {values['z']:.4f}, lr {lr:.1e}, {dt * 1000:.1f}ms"
+           + (" (start-up included)" if startup else f", {flops_text(speed['flops_per_s'])}")
+           + (f", MFU {speed['mfu']:.1%}" if "mfu" in speed else ""))
+    record(run, {"iter": it, "tokens": it * run.tokens_per_iter, **values, "lr": lr, "ms_per_iter": dt * 1000,
+                 "tokens_per_s": run.tokens_per_iter / dt, **speed, "skipped_steps": run.progress.skipped_steps})
+    return dt
+
+
+def pace_note(run, cfg, it, dt, first_iter, eval_s):
+    """After this run's first step (dt seconds a step), its expected duration at that pace; later, once, a note
+    when steps have become several times slower than the fastest seen since: the machine is likely shared."""
+    if it == first_iter:
+        steps, evals = cfg.max_iters - it, cfg.max_iters // cfg.eval_interval - it // cfg.eval_interval + (
+            cfg.max_iters % cfg.eval_interval != 0)
+        print0(f"first step {dt:.2f}s (start-up included): the {steps} step(s) left take ~{duration(steps * dt)} "
+               f"at this pace, + {evals} evaluation(s)" + (f" of ~{duration(eval_s)}" if eval_s else ""))
+        return
+    fastest, where = run.fastest
+    if dt < fastest:
+        run.fastest = (dt, it)
+    elif dt > 3 * fastest and dt > 0.05 and where > 0:
+        run.fastest = (0.0, -1)  # warned: never again
+        cpu = run.system.device.type == "cpu"
+        print0(f"note: steps take {dt / fastest:.1f}x as long as by iteration {where} ({dt * 1000:.0f} against "
+               f"{fastest * 1000:.0f} ms): other work is likely sharing this " + ("CPU; fewer threads "
+               f"(--threads=1, now {torch.get_num_threads()}) may be several times faster" if cpu else "machine"))
+
+
+def record(run, entry):
+    """Append a record to metrics.jsonl (the first process only) and, with wandb_log, send it to W&B as well,
+    the routing statistics as flat keys (routing/layer0/max_mean, routing/layer0/load/e3...)."""
+    if not run.system.master:
+        return
+    append_log(run.log_path, entry)
+    if run.tracker is not None:
+        flat = {k: v for k, v in entry.items() if k not in ("iter", "routing")}
+        for layer, summary in enumerate(entry.get("routing") or []):
+            for key, value in summary.items():
+                names = [f"e{e}" for e in range(len(value))] if key == "load" else ["low", "high"]
+                for name, v in zip(names, value) if isinstance(value, list) else [(None, value)]:
+                    flat["/".join(filter(None, ["routing", f"layer{layer}", key, name]))] = v
+        run.tracker.log(flat, step=entry["iter"])
+
+
+def open_tracker(cfg):
+    """The W&B run of wandb_log (nanoGPT's convention: project, run name, the config), its files in
+    out_dir/wandb; wandb is imported only here, so that it is needed only when asked for."""
+    try:
+        import wandb
+    except ImportError:
+        raise UserError("wandb_log=True needs the wandb package: pip install wandb (or leave wandb_log off)") from None
+    name = cfg.wandb_run_name or os.path.basename(os.path.normpath(os.path.abspath(cfg.out_dir)))
+    return wandb.init(project=cfg.wandb_project, name=name, config=vars(cfg), dir=cfg.out_dir)
 
 
 class Stopped(KeyboardInterrupt):
@@ -703,7 +810,7 @@ def diverged(what, last_good, config):
 
 def main(argv):
     if "-h" in argv or "--help" in argv:
-        print(usage(__doc__, defaults(), [__file__, os.path.join(ROOT, "model.py")]))
+        print_help(usage(__doc__, defaults(), [__file__, os.path.join(ROOT, "model.py")]))
         return
     sys.stdout.reconfigure(line_buffering=True)  # each line as it is printed, into a file or pipe too
     try:

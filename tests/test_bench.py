@@ -115,12 +115,13 @@ def test_time_models_alternates_with_the_dense_model(monkeypatch):
 
 
 def test_worker_failure_is_one_line():
-    """A model that fails in its process (here: an expert width grouped_mm cannot take) stops bench.py with
-    one line naming the model, not a traceback from another process."""
+    """A model that fails in its process (here: on the meta device, where no step can run; a width grouped_mm
+    cannot take now falls back to the loop) stops bench.py with one line naming the model, not a traceback from
+    another process."""
     bad = GPTConfig(vocab_size=128, block_size=16, n_layer=1, n_head=2, n_embd=32, n_experts=4, top_k=2,
-                    expert_hidden=33, moe_impl="grouped")
-    with pytest.raises(bench.UserError, match="moe-bad failed: "):
-        bench.Worker("moe-bad", bad, "real", False, 2, torch.device("cpu"), torch.float32).step()
+                    expert_hidden=32)
+    with pytest.raises(bench.UserError, match="moe-bad failed: RuntimeError"):
+        bench.Worker("moe-bad", bad, "real", False, 2, torch.device("meta"), torch.float32).step()
 
 
 def test_data_cost_writes_outside_the_repository(monkeypatch):
@@ -132,11 +133,22 @@ def test_data_cost_writes_outside_the_repository(monkeypatch):
     assert not os.path.exists(opened[0])  # and removed
 
 
+def test_full_shapes_are_moe_e4k2s_with_its_training_batch():
+    """bench.py without --quick times config/moe_e4k2.py's model at its training batch, not a fraction of it."""
+    knobs = {}
+    exec(open(os.path.join(ROOT, "config", "moe_e4k2.py")).read(), {}, knobs)
+    moe, batch_size = bench.shapes(quick=False)
+    assert batch_size == knobs["batch_size"]
+    assert all(getattr(moe, k) == v for k, v in knobs.items() if hasattr(moe, k))
+
+
 def test_dispatch_paths():
-    """Both paths eagerly; compiled, the grouped GEMM only in bf16."""
-    assert bench.dispatch_paths(torch.float32, compiled=False) == ("grouped", "loop")
-    assert bench.dispatch_paths(torch.float32, compiled=True) == ("loop",)
-    assert bench.dispatch_paths(torch.bfloat16, compiled=True) == ("grouped", "loop")
+    """Both paths eagerly; compiled, the grouped GEMM only in bf16 (moe_kernels.grouped_mm_runs)."""
+    assert bench.dispatch_paths(torch.float32, False, torch.device("cpu"), (256, 130)) == ("loop",)  # 520-byte rows
+    cpu, widths = torch.device("cpu"), (256, 512, 128)
+    assert bench.dispatch_paths(torch.float32, False, cpu, widths) == ("grouped", "loop")
+    assert bench.dispatch_paths(torch.float32, True, cpu, widths) == ("loop",)
+    assert bench.dispatch_paths(torch.bfloat16, True, cpu, widths) == ("grouped", "loop")
 
 
 def test_table_shows_mfu_where_known():

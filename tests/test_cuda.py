@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from conftest import ROOT
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import moe_kernels
 import runtime
 from configurator import UserError
 from model import GPT, GPTConfig, MoE
@@ -52,6 +53,33 @@ E4K2_WIDTHS = [256, 512, 512, 512, 512]  # n_embd and the expert hidden sizes of
 ])
 def test_dispatch_by_gpu_generation(device_type, capability, dtype, widths, n_experts, compiling, grouped):
     assert use_grouped_mm(device_type, capability, dtype, widths, n_experts, compiling) == grouped
+
+
+def test_windows_builds_take_the_loop_on_sm90(monkeypatch):
+    """torch's Windows builds have no grouped kernel: on 9.x/10.x GPUs "auto" takes the loop and "grouped" is
+    replaced by it."""
+    assert use_grouped_mm("cuda", (9, 0), BF16, E4K2_WIDTHS, 4, True)
+    monkeypatch.setattr(sys, "platform", "win32")
+    assert not use_grouped_mm("cuda", (9, 0), BF16, E4K2_WIDTHS, 4, True)
+    assert not use_grouped_mm("cuda", (10, 0), BF16, E4K2_WIDTHS, 16, True)
+    assert use_grouped_mm("cpu", None, BF16, E4K2_WIDTHS, 4, True)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_grouped_knob_where_grouped_mm_cannot_run(compiled):
+    """moe_impl=grouped compiled in fp32 (grouped_mm takes bf16 only there) or with rows not of 16 bytes runs
+    the loop, with the note train.py and sample.py print, rather than crash at the first forward."""
+    cfg = GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=32, n_experts=4, top_k=2,
+                    expert_hidden=18, moe_impl="grouped")  # 72-byte rows in fp32
+    assert "per-expert loop" in moe_kernels.grouped_note(cfg, torch.device("cpu"), FP32, compiled)
+    aligned = GPTConfig(**{**cfg.__dict__, "expert_hidden": 16})
+    assert (moe_kernels.grouped_note(aligned, torch.device("cpu"), FP32, compiled) is None) == (not compiled)
+    assert moe_kernels.grouped_note(aligned, torch.device("mps"), FP32, False) is not None
+    moe = MoE(cfg)
+    x = torch.randn(2, 8, 32)
+    y = moe(x)[0]  # grouped_mm itself would refuse the 72-byte rows
+    moe.config.moe_impl = "loop"
+    assert torch.equal(y, moe(x)[0])
 
 
 @pytest.mark.parametrize("dtype", [FP32, BF16])
@@ -333,3 +361,129 @@ def test_gpu_two_processes_with_nccl(tmp_path):
                                    "--balance=aux_free", "--gradient_accumulation_steps=2", processes=2)
     assert "2 process(es)" in r.stdout and [x["iter"] for x in evals] == [0, 10, 20]
     assert all(np.isfinite(x["loss"]) for x in steps)
+
+
+# -----------------------------------------------------------------------------
+# on CPU: Apple GPUs (MPS), and a training step without host syncs
+
+
+def test_finite_state_with_step_counters_on_another_device():
+    """An unfused AdamW keeps its step counters on the CPU beside GPU weights (MPS): the finite check before
+    every checkpoint moves each flag to the weights' device rather than stack two devices. The meta device
+    stands in for the GPU."""
+    model = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=32)).to("meta")
+    optimizer = torch.optim.AdamW(model.parameters(), fused=False)
+    for p in model.parameters():
+        optimizer.state[p] = {"step": torch.tensor(3.0), "exp_avg": torch.zeros_like(p)}
+    assert runtime.finite_flag(model, optimizer).device == torch.device("meta")
+
+
+def test_adamw_is_fused_on_mps_and_the_stop_flag_reduced_on_the_cpu(monkeypatch):
+    """On MPS, AdamW is fused (torch/utils/_foreach_utils.py lists mps), so its state lives beside the weights;
+    gloo, the process group there, reduces CPU tensors only."""
+    model = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=32))
+    assert model.configure_optimizer(0.1, 1e-3, (0.9, 0.95), "mps").defaults["fused"] is True
+    devices = record_collectives(monkeypatch)
+    with StopFlag() as stop, pytest.raises(AtCollective):
+        stop.anywhere(System(torch.device("mps"), FP32, nullcontext(), rank=0, world=2))
+    assert devices == [torch.device("cpu")]
+
+
+class CountSyncs:
+    """Counts the calls that read a tensor's value on the host (each one a host sync on a GPU)."""
+
+    def __init__(self, monkeypatch):
+        self.calls = Counter()
+        for name in ("item", "__bool__", "__float__", "__int__"):
+            original = getattr(torch.Tensor, name)
+            monkeypatch.setattr(torch.Tensor, name, lambda t, *a, _o=original, _n=name: self.note(_n) or _o(t, *a))
+
+    def note(self, name):
+        self.calls[name] += 1
+
+
+def tiny_run():
+    """The namespace train.optimizer_step reads, for a tiny aux_free MoE on CPU with 2 micro-steps; with
+    run.poisoned set, the loss, and so every gradient, is NaN. run.logits: a weak reference to each forward's
+    logits, which must be gone by the next forward."""
+    import weakref
+
+    import train
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=32, n_experts=4, top_k=2,
+                          expert_hidden=32, balance="aux_free"))
+    run = None
+
+    def forward(x, y):
+        assert all(ref() is None for ref in run.logits), "the last micro-step's logits are still alive"
+        logits, loss, stats = model(x, y)
+        run.logits.append(weakref.ref(logits))
+        return logits, loss * float("nan") if run.poisoned else loss, stats
+
+    run = train.SimpleNamespace(
+        model=forward, raw_model=model, optimizer=model.configure_optimizer(0.1, 1e-3, (0.9, 0.95), "cpu"),
+        train_data=np.arange(500, dtype=np.uint16) % 64, block_size=16, data_rng=torch.Generator().manual_seed(0),
+        accum=2, system=System(torch.device("cpu"), FP32, nullcontext(), rank=0, world=1), logits=[],
+        poisoned=False, bad=torch.zeros(3, dtype=torch.long))
+    cfg = train.SimpleNamespace(**{**train.defaults(), "batch_size": 2, "warmup_iters": 0})
+    return run, cfg
+
+
+def state_of(run):
+    """Weights, buffers and optimizer state, cloned."""
+    opt = [v.clone() for s in run.optimizer.state.values() for v in s.values()]
+    return [t.clone() for t in run.raw_model.state_dict().values()] + opt
+
+
+def test_skipped_step_changes_nothing_and_syncs_nothing(monkeypatch):
+    """A step with NaN gradients, skipped on the device (fused AdamW's found_inf), leaves weights, the aux_free
+    bias and the optimizer state (step counters included) bit for bit as they were; a finite step equals the
+    host-checked one bit for bit; neither reads a value on the host."""
+    import train
+    run, cfg = tiny_run()
+    reference, _ = tiny_run()
+    syncs = CountSyncs(monkeypatch)
+    assert bool(train.optimizer_step(run, cfg, 0)[2])  # a finite step, on the device
+    assert syncs.calls["__bool__"] == 1 and sum(syncs.calls.values()) == 1  # the assert's own
+    with monkeypatch.context() as m:  # the host-checked step, as before
+        m.setattr(train, "skips_on_device", lambda optimizer: False)
+        train.optimizer_step(reference, cfg, 0)
+    assert all(torch.equal(a, b) for a, b in zip(state_of(run), state_of(reference), strict=True))
+    before, run.poisoned = state_of(run), True
+    syncs.calls.clear()
+    finite = train.optimizer_step(run, cfg, 1)[2]
+    train.count_bad_step(run, finite)
+    assert sum(syncs.calls.values()) == 0
+    assert all(torch.equal(a, b) for a, b in zip(state_of(run), before, strict=True))
+    assert run.bad.tolist() == [1, 1, 1]  # read at the next log line (train.read_bad_steps)
+
+
+def test_a_failing_process_leaves_without_a_barrier(monkeypatch):
+    """A process that stops on an error of its own skips the final barrier, where it would wait for the others
+    until the nccl timeout: it exits, and torchrun stops the others."""
+    calls = []
+    monkeypatch.setattr(dist, "barrier", lambda: calls.append("barrier"))
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: calls.append("destroy"))
+    runtime.end_processes(together=False)
+    assert calls == []
+    runtime.end_processes(together=True)
+    assert calls == ["barrier", "destroy"]
+
+
+def test_parallel_runs_spread_over_the_gpus(monkeypatch):
+    """experiment.py --jobs=N: each run in job slot s sees one GPU, s mod their number."""
+    assert runtime.job_env({"CUDA_VISIBLE_DEVICES": "2,5"}, 0, 2)["CUDA_VISIBLE_DEVICES"] == "2"
+    assert runtime.job_env({"CUDA_VISIBLE_DEVICES": "2,5"}, 3, 4)["CUDA_VISIBLE_DEVICES"] == "5"
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert [runtime.job_env({}, s, 4)["CUDA_VISIBLE_DEVICES"] for s in range(4)] == ["0", "1", "2", "3"]
+    assert runtime.job_env({}, 0, 1) == {}  # one run at a time: every GPU, as before
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert runtime.job_env({}, 1, 2) == {}
+
+
+def test_peaks_of_newer_gpus():
+    """Blackwell, the export Hoppers and Amperes and the RTX 5090 have a peak, or a note saying why not."""
+    for name in ("NVIDIA B200", "NVIDIA GB200", "NVIDIA H800", "NVIDIA A800-SXM4-80GB", "NVIDIA GeForce RTX 5090"):
+        assert runtime.peak_flops(name, BF16)[0] > 100e12
+    peak, note = runtime.peak_flops("NVIDIA B300 SXM6 AC", BF16)
+    assert peak is None and "Blackwell Ultra" in note

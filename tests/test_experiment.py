@@ -97,7 +97,7 @@ def test_unfinished_run_resumes(data_root, in_tmp, capsys):
     out = capsys.readouterr().out
     assert "0 of 1 runs already finished" in out and "--init_from=resume" in out
     records = [json.loads(line) for line in open(run / "metrics.jsonl")]
-    assert [r["iter"] for r in records if "loss" in r] == [2, 4]  # log_interval 10: the last steps only
+    assert [r["iter"] for r in records if "loss" in r] == [1, 2, 3, 4]  # log_interval 10: each run's first and last
     assert [r["iter"] for r in records if "val_loss" in r] == [0, 2, 4]
 
 

@@ -161,6 +161,14 @@ def test_match_dense(name, target):
     assert count_params(dense)["total"] == sum(p.numel() for p in GPT(dense).parameters())
 
 
+def test_match_dense_can_align_the_ffn():
+    """match_dense(multiple=8) rounds the FFN width to a multiple of 8, within the tolerance; by default the
+    width is the closest match (1025 here)."""
+    cfg = toy(vocab_size=50257, n_embd=256, n_head=8, n_layer=6, block_size=256, n_experts=4, top_k=2,
+              expert_hidden=512)
+    assert match_dense(cfg, "active").ffn_hidden == 1025 and match_dense(cfg, "active", multiple=8).ffn_hidden == 1024
+
+
 def test_match_dense_resizes_width_only_when_needed():
     moe = GPTConfig(vocab_size=4096, n_layer=6, n_head=8, n_embd=256, n_experts=4, top_k=2, expert_hidden=512)
     assert match_dense(moe, "total").n_embd == 256  # FFN alone suffices: attention identical
@@ -302,6 +310,18 @@ def test_grouped_bf16_close_to_fp32():
     torch.manual_seed(0)
     y16, _, _ = run_moe(cfg, x.bfloat16(), "grouped")
     torch.testing.assert_close(y16.float(), y32, rtol=0.05, atol=0.02)
+
+
+def test_bf16_slots_weighted_and_summed_in_fp32_as_the_loop():
+    """Under bf16 autocast each token's K = 4 expert outputs are weighted by fp32 routing weights and summed in
+    fp32, as the loop does: with experts at least as wide as n_embd (weight after the last GEMM) the padded
+    grouped path on CPU equals the loop bit for bit (index_add_ sums a token's slots in expert order)."""
+    moe = MoE(toy(n_experts=4, top_k=4, expert_hidden=64, moe_impl="grouped"))
+    x = torch.randn(64, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, _, weights, experts = moe.route(x)
+        load = model.slots_per_expert(experts, 4)
+        assert torch.equal(moe_kernels.dispatch(moe, x, weights, experts, load), moe.dispatch_loop(x, weights, experts))
 
 
 @pytest.mark.parametrize("name", [n for n in VARIANTS if n.startswith("moe")])

@@ -55,6 +55,26 @@ def test_help_as_a_process():
     assert "--gradient_accumulation_steps=1" in r.stdout
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["train.py", "sample.py", "bench.py", "prepare.py", "experiment.py", "report.py",
+                                    "export.py"])
+def test_help_into_a_pipe_closed_early(script):
+    """`python train.py --help | head`: the reader has gone before the help is written; the script ends quietly."""
+    p = subprocess.Popen([sys.executable, script, "--help"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.close()  # before the script has written anything: its write meets a closed pipe
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=300) == 0 and not err, err
+
+
+def test_report_answers_help(capsys):
+    import report
+
+    report.main(["--help"])
+    assert capsys.readouterr().out.startswith(report.__doc__.strip().splitlines()[0])
+    with pytest.raises(SystemExit, match="experiment.py"):
+        report.main(["--seeds=3"])
+
+
 def test_dry_run_needs_no_data(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # relative paths (data_root "data", out_dir) are taken from here
     dry_run = lambda: SimpleNamespace(**configure([os.path.join(ROOT, "config", "moe_e4k2.py"), "--dry_run=True"],

@@ -37,11 +37,13 @@ def test_train_moe_end_to_end(data_root, tmp_path):
     assert logs[0]["event"] == "start" and logs[0]["params"]["total"] > logs[0]["params"]["active"]
     steps = [r for r in logs if "loss" in r]
     assert [r["iter"] for r in steps] == [1, 2, 3]
-    for key in ("tokens", "loss", "ce", "aux", "z", "lr", "ms_per_iter", "tokens_per_s", "flops_per_s"):
+    for key in ("tokens", "loss", "ce", "aux", "z", "lr", "ms_per_iter", "tokens_per_s"):
         assert all(np.isfinite(r[key]) for r in steps), key
-    # achieved FLOP/s from the active parameters (model.flops_per_token); no MFU on CPU
+    # achieved FLOP/s from the active parameters (model.flops_per_token), not from the first step, whose time
+    # includes start-up; no MFU on CPU
     assert logs[0]["flops_per_token"] == flops_per_token(GPTConfig(**logs[0]["model_args"]))
-    assert all(r["flops_per_s"] == pytest.approx(logs[0]["flops_per_token"] * r["tokens_per_s"]) for r in steps)
+    assert "flops_per_s" not in steps[0] and "(start-up included)" in r.stdout.split("iter 1: loss")[1].splitlines()[0]
+    assert all(r["flops_per_s"] == pytest.approx(logs[0]["flops_per_token"] * r["tokens_per_s"]) for r in steps[1:])
     assert "FLOP/s" in r.stdout.split("iter 3: loss")[1].splitlines()[0] and "MFU not shown on CPU" in r.stdout
     assert not any("mfu" in r for r in steps)
     evals = [r for r in logs if "val_loss" in r]
@@ -181,3 +183,97 @@ def test_peak_flops_by_exact_device_name():
         assert peak is None and name in note
     assert peak_flops("NVIDIA L4", torch.float32)[0] is None  # the table holds bf16 peaks
     assert peak_flops("cpu", bf16)[0] is None and peak_flops("cpu", torch.float32)[0] is None
+
+
+# -----------------------------------------------------------------------------
+# a user's first hour (#25): live output, threads, experiment tracking
+
+
+class ByteTokenizer:
+    """Token i is byte i: a sample's text may end inside a multi-byte character, as a byte-level BPE's can."""
+
+    def decode(self, ids):
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_sample_streams_the_tokens_generate_draws(use_cache, capsys):
+    import sample
+    from model import GPT
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=256, n_experts=4, top_k=2,
+                          expert_hidden=48)).eval()
+    prompt = torch.tensor([list("é a".encode())])
+    torch.manual_seed(7)
+    plain = model.generate(prompt, 24, 1.5, None, use_cache)  # past block_size: the cache refills once
+    torch.manual_seed(7)
+    seen, stream = [], sample.Stream(ByteTokenizer())
+    stream(prompt)
+    streamed = model.generate(prompt, 24, 1.5, None, use_cache, lambda idx: (seen.append(idx.clone()), stream(idx)))
+    stream.end(streamed)
+    assert torch.equal(plain, streamed)  # the same draws, bit for bit
+    assert [s.shape[1] for s in seen] == list(range(5, 29)) and torch.equal(seen[-1], streamed)
+    assert capsys.readouterr().out == ByteTokenizer().decode(streamed[0].tolist()) + "\n"
+
+
+def test_train_logs_by_time_first_step_and_threads(data_root, tmp_path, monkeypatch, capsys):
+    """log_seconds=0: lines by iteration only, plus one after the run's first step; a tiny log_seconds: a line
+    after every step. --threads sets torch's threads and the start-up line says so. With wandb_log, the records of
+    metrics.jsonl go to W&B too (here a stand-in module), routing as flat keys."""
+    logged = []
+    fake = SimpleNamespace(init=lambda **kw: SimpleNamespace(log=lambda row, step: logged.append((step, row)),
+                                                             finish=lambda: logged.append("finished")))
+    monkeypatch.setitem(__import__("sys").modules, "wandb", fake)
+    threads = torch.get_num_threads()
+    try:
+        for log_seconds, iters in ((0, [1, 4]), (1e-9, [1, 2, 3, 4])):
+            out = tmp_path / str(log_seconds)
+            train.main([*train_args(data_root, out)[1:], "--log_interval=100", "--max_iters=4", "--eval_interval=2",
+                        f"--log_seconds={log_seconds}", "--threads=1", "--wandb_log=True"])
+            assert [r["iter"] for r in records(out) if "loss" in r] == iters
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+    text = capsys.readouterr().out
+    assert "CPU threads: 1 (threads); change with --threads=N or OMP_NUM_THREADS=N" in text
+    assert "at least every 1e-09s; first an evaluation on 2 validation batches" in text
+    assert text.count("  evaluating: 1 of 2 validation batches\n") == 3  # log_seconds=1e-9: evaluations at 0, 2, 4
+    assert "first step " in text.split("iter 1: loss")[1].splitlines()[1] and "the 3 step(s) left take ~" in text
+    rows = [r for r in logged if r != "finished"][-len([r for r in records(out) if "iter" in r]):]
+    assert logged[-1] == "finished" and len(rows) == 7  # evaluations at 0, 2, 4 and 4 steps
+    for (step, row), rec in zip(rows, [r for r in records(out) if "iter" in r]):
+        assert step == rec["iter"] and all(row[k] == v for k, v in rec.items() if k not in ("iter", "routing"))
+        for layer, summary in enumerate(rec.get("routing", [])):
+            assert row[f"routing/layer{layer}/cv"] == summary["cv"]
+            assert [row[f"routing/layer{layer}/load/e{e}"] for e in range(4)] == summary["load"]
+
+
+def test_pace_note_once_when_steps_slow_down(capsys):
+    run = SimpleNamespace(fastest=(float("inf"), 0), system=SimpleNamespace(device=torch.device("cpu")))
+    cfg = SimpleNamespace(max_iters=100, eval_interval=50)
+    for it, dt in ((1, 2.0), (10, 0.2), (20, 0.3), (30, 0.7), (40, 0.9)):
+        train.pace_note(run, cfg, it, dt, first_iter=1, eval_s=5.0)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "first step 2.00s (start-up included): the 99 step(s) left take ~3.3 min at this pace, " \
+                       "+ 2 evaluation(s) of ~5s"
+    assert len(lines) == 2 and lines[1].startswith("note: steps take 3.5x as long as by iteration 10 (700 against 200")
+
+
+def test_wandb_missing_is_one_clear_error(monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "wandb", None)  # import wandb raises ImportError
+    with pytest.raises(UserError, match=r"^wandb_log=True needs the wandb package: pip install wandb"):
+        train.open_tracker(SimpleNamespace(wandb_project="p", wandb_run_name="", out_dir="out"))
+
+
+@pytest.mark.slow
+def test_wandb_offline_run(data_root, tmp_path):
+    pytest.importorskip("wandb", reason="wandb is optional (not in requirements.txt): pip install wandb")
+    out = tmp_path / "tracked"
+    r = run_script(*train_args(data_root, out, "--max_iters=2", "--wandb_log=True", "--wandb_run_name=t"),
+                   env={**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"})
+    assert r.returncode == 0, r.stderr
+    runs = list((out / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1  # the history, to `wandb sync` later
+    data = runs[0].read_bytes()
+    assert all(key in data for key in (b"val_loss", b"ms_per_iter", b"routing/layer1/load/e3", b"max_mean"))
