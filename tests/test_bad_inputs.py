@@ -1243,7 +1243,8 @@ def test_ctrl_c_while_the_libraries_load_is_quiet(sig):
     """A signal at any moment from a script's first line on (timed from the moment its SIGTERM handler is in
     place, read from /proc, not from the clock: so it holds on a fast machine as on a loaded one), during the
     standard-library imports or torch's: 'interrupted' and 130, never a traceback. At once (delay 0) no script
-    can have finished loading; later, --help may have ended the run first (0)."""
+    can have finished loading; later, --help may have ended the run first (0, or the signal's own silent death
+    while Python shuts down)."""
     scripts = ["train.py", "sample.py", "prepare.py", "bench.py", "experiment.py", "export.py"]
     for delay in (0, 0.3):
         for script in scripts:
@@ -1254,7 +1255,8 @@ def test_ctrl_c_while_the_libraries_load_is_quiet(sig):
             time.sleep(delay)
             p.send_signal(sig)
             out, err = p.communicate(timeout=120)
-            assert "Traceback" not in err and p.returncode in (0, 130), (script, delay, p.returncode, err)
+            # -sig: --help done, the signal came while Python shut down (it resets the handlers there), silently
+            assert "Traceback" not in err and p.returncode in (0, 130, -sig), (script, delay, p.returncode, err)
             assert p.returncode == 0 or err.strip() == "interrupted", (script, err)
             assert delay > 0 or p.returncode == 130, (script, p.returncode)
 
