@@ -85,19 +85,15 @@ class GPTConfig:
         for name in ("aux_loss_coef", "z_loss_coef", "bias_update_rate", "capacity_factor"):
             check(0 <= getattr(self, name) < math.inf, f"{name} must be a finite number >= 0, got "
                                                        f"{getattr(self, name)}")  # NaN fails too
-        # Ranges past which a model cannot learn or overflows at its first step, generous around what is used:
-        # RMSNorm divides by sqrt(mean(x^2) + eps) with mean(x^2) ~ 1: an eps above 1 flattens every activation.
-        check(self.norm_eps <= 1, f"norm_eps must be at most 1 (RMSNorm's inputs have mean square ~1; "
-                                  f"1e-5 or 1e-6 is usual), got {self.norm_eps}")
-        # RoPE's frequencies are theta^(-2j/hs): below 1 they grow along the head, and overflow as theta -> 0.
-        check(self.rope_theta >= 1, f"rope_theta must be at least 1 (10000 is usual), got {self.rope_theta}")
-        # router scores lie in [0, 1]: a bias step above 1 outweighs them all at once (DeepSeek-V3 uses 1e-3),
-        # and a loss coefficient above 100 outweighs the language-model loss (~ln vocab) a hundredfold.
-        check(self.bias_update_rate <= 1, f"bias_update_rate must be at most 1 (router scores lie in [0, 1]; "
-                                          f"1e-3 is usual), got {self.bias_update_rate}")
-        for name in ("aux_loss_coef", "z_loss_coef"):
-            check(getattr(self, name) <= 100, f"{name} must be at most 100 (it would outweigh the language-model "
-                                              f"loss), got {getattr(self, name)}")
+        # past these a model cannot learn or overflows at its first step (generous around what is used): RMSNorm's
+        # inputs have mean square ~1, RoPE's frequencies theta^(-2j/hs) grow and overflow for theta < 1, router
+        # scores lie in [0, 1], a loss coefficient over 100 outweighs the language-model loss (~ln vocab)
+        for name, ok, why in (("norm_eps", self.norm_eps <= 1, "at most 1 (1e-5 or 1e-6 is usual)"),
+                              ("rope_theta", self.rope_theta >= 1, "at least 1 (10000 is usual)"),
+                              ("bias_update_rate", self.bias_update_rate <= 1, "at most 1 (1e-3 is usual)"),
+                              ("aux_loss_coef", self.aux_loss_coef <= 100, "at most 100"),
+                              ("z_loss_coef", self.z_loss_coef <= 100, "at most 100")):
+            check(ok, f"{name} must be {why}, got {getattr(self, name)}")
         for name, allowed in (("router_score", ("softmax", "sigmoid")), ("balance", ("switch", "aux_free", "none")),
                               ("moe_impl", ("auto", "grouped", "loop"))):
             check(getattr(self, name) in allowed, f"{name} must be one of {', '.join(allowed)}; got "
