@@ -20,7 +20,7 @@ TINY = GPTConfig(vocab_size=128, block_size=16, n_layer=1, n_head=2, n_embd=32, 
 
 def bench_cfg(**kw):
     return SimpleNamespace(**{**dict(quick=True, device="cpu", dtype="float32", compile="false", repeats=2, warmup=1,
-                                     json_path="", overwrite=False), **kw})
+                                     json_path="", overwrite=False, threads=0), **kw})
 
 
 @pytest.mark.slow  # a process per model
