@@ -61,6 +61,24 @@ if _running_a_script():
 
 
 @contextmanager
+def signals_deferred():
+    """Hold SIGINT and SIGTERM until the code inside has finished (a rename and its cleanup that must not stop
+    half-way), then raise KeyboardInterrupt if one came. Main thread only, as Python's signal handlers are."""
+    came = []
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig, handler in previous.items():
+        if handler != signal.SIG_IGN:
+            signal.signal(sig, lambda signum, frame: came.append(signum))
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if came:
+        raise KeyboardInterrupt
+
+
+@contextmanager
 def phase(what, knobs):
     """Name what the code inside does and which knobs size it: an out-of-memory error there says
     'out of memory while <what>: lower <knobs>'."""

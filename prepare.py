@@ -499,12 +499,15 @@ def prepare(out_dir, train_docs, val_docs, source, vocab_size=0):
         os.makedirs(new)
         try:
             meta = write_dataset(new, train_docs, val_docs, source, vocab_size)
-            if os.path.exists(out_dir):
-                os.rename(out_dir, old)
-            os.rename(new, out_dir)
-            fsync_dir(os.path.dirname(out_dir))
+            with guard.signals_deferred():  # the swap and the old folder's removal are not cut half-way
+                if os.path.exists(out_dir):
+                    os.rename(out_dir, old)
+                os.rename(new, out_dir)
+                fsync_dir(os.path.dirname(out_dir))
+                recover(out_dir)
         finally:
-            recover(out_dir)  # an interrupted write or swap: back to the old dataset; else delete the old one
+            with guard.signals_deferred():
+                recover(out_dir)  # an interrupted write: drop the partial new dataset, keep the old one
     return meta
 
 

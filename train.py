@@ -542,7 +542,8 @@ def setup(cfg, given, stop):
         resume_config(cfg, state, given, ckpt_path)
         done = state["iter_num"] > cfg.max_iters or (state["iter_num"] == cfg.max_iters
                                                      and state["evaluated_iter"] == cfg.max_iters)
-        check(not done, f"{ckpt_path} is at iteration {state['iter_num']} already, max_iters={cfg.max_iters}: "
+        check(cfg.dry_run or not done, f"{ckpt_path} is at iteration {state['iter_num']} already, max_iters="
+                                       f"{cfg.max_iters}: "
                         f"nothing to train; give a larger --max_iters to continue it")
     configured, model_config, match, vocab_source = resolve_models(cfg, data_dir, state)
     print0(param_table(models_involved(configured, match)))

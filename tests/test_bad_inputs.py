@@ -876,10 +876,11 @@ def test_two_runs_on_one_out_dir(data_root, tmp_path):
         first.kill()  # SIGKILL: its lock file stays, held by no process
         first.wait()
     assert (out / runtime.LOCK_FILE).exists()
-    r = subprocess.run(train_cmd(data_root, out, "--init_from=resume", "--max_iters=12"), cwd=ROOT,
+    goal = torch.load(out / "ckpt.pt", weights_only=True)["iter_num"] + 2  # a little more than it trained
+    r = subprocess.run(train_cmd(data_root, out, "--init_from=resume", f"--max_iters={goal}"), cwd=ROOT,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    assert not (out / runtime.LOCK_FILE).exists() and torch.load(out / "ckpt.pt", weights_only=True)["iter_num"] >= 12
+    assert not (out / runtime.LOCK_FILE).exists() and torch.load(out / "ckpt.pt", weights_only=True)["iter_num"] == goal
 
 
 @pytest.mark.slow
@@ -887,7 +888,11 @@ def test_kills_at_random_moments_leave_a_whole_checkpoint_and_log(data_root, tmp
     out = tmp_path / "run"
     args = ["--max_iters=40", "--eval_interval=2", "--log_interval=1"]
     rng = random.Random(0)
+    finished = lambda: (out / "metrics.jsonl").exists() and any(
+        r.get("iter") == 40 and "val_loss" in r for r in runtime.read_log(str(out / "metrics.jsonl")))
     for _ in range(4):
+        if finished():  # on a fast machine a run can end before its kill: nothing is left to resume
+            break
         resume = ["--init_from=resume"] if (out / "ckpt.pt").exists() else ["--overwrite=True"]
         p = start(train_cmd(data_root, out, *args, *resume))
         wait_for(p, "tokens per iteration")
@@ -897,9 +902,10 @@ def test_kills_at_random_moments_leave_a_whole_checkpoint_and_log(data_root, tmp
         if (out / "ckpt.pt").exists():
             runtime.load_checkpoint(str(out / "ckpt.pt"))  # whole, whenever the kill came
         runtime.read_log(str(out / "metrics.jsonl"))  # at most a cut last line, dropped
-    r = subprocess.run(train_cmd(data_root, out, *args, "--init_from=resume"), cwd=ROOT, capture_output=True,
-                       text=True, timeout=600)
-    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    if not finished():
+        r = subprocess.run(train_cmd(data_root, out, *args, "--init_from=resume"), cwd=ROOT, capture_output=True,
+                           text=True, timeout=600)
+        assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
     records = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert records[0]["event"] == "start" and sum("event" in r for r in records) == 1
     steps = [r["iter"] for r in records if "loss" in r]
