@@ -840,8 +840,9 @@ def test_interrupts_of_each_script_as_processes(data_root, trained, tmp_path):
     assert "interrupted" in err
 
 
-@pytest.mark.slow
-def test_experiment_ctrl_c_stops_its_runs_with_a_checkpoint(data_root, tmp_path):
+def long_experiment(data_root, tmp_path):
+    """experiment.py training one long run, started and waited for until the run has written a checkpoint:
+    (its process, the run's folder)."""
     tiny = [a for a in BASE if not a.startswith("--log_interval") and not a.startswith("--max_iters")]
     cmd = [sys.executable, "-u", os.path.join(ROOT, "experiment.py"), *tiny, f"--data_root={data_root}", "--seeds=1",
            "--match=none", "--max_iters=100000", "--name=long"]
@@ -852,6 +853,12 @@ def test_experiment_ctrl_c_stops_its_runs_with_a_checkpoint(data_root, tmp_path)
     while not (run / "ckpt.pt").exists():
         assert time.time() < deadline and p.poll() is None
         time.sleep(0.5)
+    return p, run
+
+
+@pytest.mark.slow
+def test_experiment_ctrl_c_stops_its_runs_with_a_checkpoint(data_root, tmp_path):
+    p, run = long_experiment(data_root, tmp_path)
     p.send_signal(signal.SIGINT)
     _, err = quiet_stop(p)
     assert "interrupted" in err and len(err.strip().splitlines()) == 1
@@ -1280,16 +1287,7 @@ def test_closed_stdout_and_stderr_exit_quietly(tmp_path):
 
 @pytest.mark.slow
 def test_experiment_sigterm_stops_its_runs_with_a_checkpoint(data_root, tmp_path):
-    tiny = [a for a in BASE if not a.startswith("--log_interval") and not a.startswith("--max_iters")]
-    cmd = [sys.executable, "-u", os.path.join(ROOT, "experiment.py"), *tiny, f"--data_root={data_root}", "--seeds=1",
-           "--match=none", "--max_iters=100000", "--name=long"]
-    p = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for(p, "start moe")
-    run = tmp_path / "out" / "long" / "moe-s1337"
-    deadline = time.time() + 300
-    while not (run / "ckpt.pt").exists():
-        assert time.time() < deadline and p.poll() is None
-        time.sleep(0.5)
+    p, run = long_experiment(data_root, tmp_path)
     pid = int(open(run / runtime.LOCK_FILE).read())
     p.send_signal(signal.SIGTERM)
     _, err = quiet_stop(p)
