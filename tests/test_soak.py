@@ -29,7 +29,7 @@ def test_kill_and_resume_soak(data_root, tmp_path):
     rng = random.Random(0)
     kills = 0
     while True:
-        if (killed / "ckpt.pt").exists() and (STEPS, ) in [(i,) for i, _ in val_losses(killed)]:
+        if (killed / "ckpt.pt").exists() and STEPS in [i for i, _ in val_losses(killed)]:
             break  # killed after its last checkpoint: nothing is left to resume (a resume would be refused)
         # resume once a checkpoint exists (a kill may come before the first one is written)
         resume = ["--init_from=resume"] if (killed / "ckpt.pt").exists() else ["--overwrite=True"]
